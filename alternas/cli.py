@@ -1,0 +1,119 @@
+"""The ``alternas`` command line: a thin click layer over the library.
+
+Each command parses options, calls the library and prints. Library errors (``AlternasError``) become one line on
+stderr and exit code 2; Ctrl-C exits 130 after the library has saved what it computed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from alternas.errors import AlternasError
+
+
+class _Group(click.Group):
+    """Maps user errors to one line + exit 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AlternasError as err:
+            click.echo(f"alternas: error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("alternas: interrupted; finished work is saved, run the same command again to resume",
+                       err=True)
+            sys.exit(130)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="alternas")
+def main() -> None:
+    """Build, train, diagnose and search AlterNets (Conv/MSA placements on ResNet bases)."""
+
+
+def _model_options(func: Any) -> Any:
+    """Options shared by every command that builds a model from a placement."""
+    for option in reversed([
+        click.option("--base", default="resnet50", show_default=True, help="Base network (see `alternas bases`)."),
+        click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True),
+        click.option("--image-size", type=click.IntRange(min=8), default=224, show_default=True),
+        click.option("--window-size", type=click.IntRange(min=1), default=None,
+                     help="MSA window; default 4 for images <= 64 px, else 7."),
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command()
+def bases() -> None:
+    """List the registered base networks."""
+    from alternas.models import get_base, list_bases
+
+    for name in list_bases():
+        b = get_base(name)
+        click.echo(f"{name:<10} {b.block:<10} depths={b.depths} widths={b.widths} heads={b.heads}  {b.description}")
+
+
+@main.command()
+@click.argument("placement")
+@_model_options
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def arch(placement: str, base: str, num_classes: int, image_size: int, window_size: int | None,
+         as_json: bool) -> None:
+    """Describe the AlterNet that PLACEMENT (e.g. CCC,CCCM,CCCCCM,CMCM) builds: blocks, parameters, FLOPs."""
+    from alternas.models import build_model, count_flops, count_parameters
+
+    model = build_model(placement, base, num_classes=num_classes, image_size=image_size, window_size=window_size)
+    params, flops = count_parameters(model), count_flops(model)
+    blocks = [info.to_dict() for info in model.block_infos]
+    if as_json:
+        click.echo(json.dumps({
+            "placement": str(model.placement), "base": model.base.name, "num_classes": num_classes,
+            "image_size": image_size, "window_size": model.window_size, "num_msa": model.placement.num_msa,
+            "params": params, "flops": flops, "blocks": blocks,
+        }))
+        return
+    click.echo(f"AlterNet {model.placement} on {model.base.name}  ({model.placement.describe()})")
+    click.echo(f"{'unit':<12} {'kind':<5} {'channels':>13} {'map':>7} {'heads':>5} {'window':>6}")
+    for info in model.block_infos:
+        unit = "stem" if info.kind == "stem" else f"c{info.stage + 1}.{info.index + 1}"
+        kind = info.kind + ("/2" if info.subsamples else "")
+        chans = f"{info.in_channels}->{info.out_channels}"
+        fmap = f"{info.feature_size}x{info.feature_size}"
+        heads = info.heads or "-"
+        window = info.window_size or "-"
+        click.echo(f"{unit:<12} {kind:<5} {chans:>13} {fmap:>7} {heads!s:>5} {window!s:>6}")
+    click.echo(f"params: {params:,}   forward FLOPs/image: {flops / 1e9:.3f} G   "
+               f"({image_size}px, {num_classes} classes, window {model.window_size})")
+
+
+@main.command()
+@_model_options
+@click.option("--placement", default=None, help="Placement to export (with --base etc.).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="Trained weights (.safetensors, or a torch file loaded with weights_only=True).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
+@click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
+def export(base: str, num_classes: int, image_size: int, window_size: int | None, placement: str | None,
+           checkpoint: str | None, out_dir: str, force: bool) -> None:
+    """Export an AlterNet (with weights) to a folder that timm.create_model('local-dir:OUT') loads."""
+    from alternas.models import build_model
+    from alternas.models.timm_hub import export_to_timm, load_weights
+
+    if placement is None:
+        raise click.UsageError("give --placement (and --base, --num-classes, --image-size)")
+    model = build_model(placement, base, num_classes=num_classes, image_size=image_size, window_size=window_size)
+    if checkpoint:
+        load_weights(model, checkpoint)
+    out = export_to_timm(model.eval(), out_dir, force=force)
+    click.echo(f"exported {model.placement} ({base}) to {out}; load it with "
+               f"`import alternas, timm; timm.create_model('local-dir:{out}', pretrained=True)`")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The building blocks of an AlterNet, exactly as PAPER.md §1.2-1.3 describes the reference code.
+
+All blocks are pre-activation: BN and the activation come before each conv, and the projection shortcut (when a
+block changes shape) takes the pre-activated input. Stochastic depth drops the residual branch per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath
+from torch import nn
+
+
+def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=1, stride=stride, bias=False)
+
+
+def _conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+class _PreActResidual(nn.Module):
+    """Shared pre-activation wiring: ``out = drop_path(branch(act(bn(x)))) + skip``.
+
+    With a projection shortcut the skip is computed from the pre-activated input; with an identity shortcut it
+    is the raw input (PAPER.md §1.2).
+    """
+
+    expansion = 1
+
+    def __init__(self, c_in: int, c_out: int, stride: int, drop_path: float, act: type[nn.Module]) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(c_in)
+        self.act1 = act()
+        self.shortcut = _conv1x1(c_in, c_out, stride) if stride != 1 or c_in != c_out else None
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.act1(self.norm1(x))
+        skip = x if self.shortcut is None else self.shortcut(pre)
+        return self.drop_path(self.branch(pre)) + skip
+
+
+class BasicBlock(_PreActResidual):
+    """Two 3x3 convs (ResNet-18/34)."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__(c_in, planes * self.expansion, stride, drop_path, nn.ReLU)
+        self.conv1 = _conv3x3(c_in, planes, stride)
+        self.norm2 = nn.BatchNorm2d(planes)
+        self.act2 = nn.ReLU()
+        self.conv2 = _conv3x3(planes, planes * self.expansion)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.act2(self.norm2(self.conv1(x))))
+
+
+class Bottleneck(_PreActResidual):
+    """1x1 reduce, 3x3 (carrying the stride, ResNet v1.5 style), 1x1 expand by 4 (ResNet-50/101/152)."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0) -> None:
+        super().__init__(c_in, planes * self.expansion, stride, drop_path, nn.ReLU)
+        self.conv1 = _conv1x1(c_in, planes)
+        self.norm2 = nn.BatchNorm2d(planes)
+        self.act2 = nn.ReLU()
+        self.conv2 = _conv3x3(planes, planes, stride)
+        self.norm3 = nn.BatchNorm2d(planes)
+        self.act3 = nn.ReLU()
+        self.conv3 = _conv1x1(planes, planes * self.expansion)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act2(self.norm2(self.conv1(x)))
+        return self.conv3(self.act3(self.norm3(self.conv2(x))))
+
+
+def relative_position_index(window_size: int) -> torch.Tensor:
+    """Flat index into the (2p-1)x(2p-1) bias table for every (query, key) pair of a p x p window.
+
+    Positions are row-major; for query a and key b the offset is pos[b] - pos[a] shifted by p-1 (PAPER.md §1.3).
+    """
+    p = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")).flatten(1).T  # (p², 2)
+    rel = coords[None, :, :] - coords[:, None, :] + (p - 1)  # [a, b] = pos[b] - pos[a] + p - 1
+    return rel[..., 0] * (2 * p - 1) + rel[..., 1]
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside non-overlapping p x p windows (no shift), no FFN.
+
+    One learnable relative-position bias table per block, shared by all heads and windows. Queries, keys and
+    values come from one fused 1x1 conv (the reference's ``to_q`` and ``to_kv`` with k=1, same parameter count);
+    the output projection is a 1x1 conv with bias.
+
+    ``fused=True`` runs ``scaled_dot_product_attention``; ``fused=False`` the plain math, which is twice
+    differentiable everywhere (Hessian-vector products need that).
+    """
+
+    def __init__(self, c_in: int, c_out: int, heads: int, dim_head: int, window_size: int) -> None:
+        super().__init__()
+        self.heads, self.dim_head, self.window_size = heads, dim_head, window_size
+        inner = heads * dim_head
+        self.qkv = _conv1x1(c_in, 3 * inner)
+        self.proj = nn.Conv2d(inner, c_out, kernel_size=1, bias=True)
+        self.relative_position_bias = nn.Parameter(torch.empty(2 * window_size - 1, 2 * window_size - 1))
+        nn.init.normal_(self.relative_position_bias, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
+        self.fused = True
+
+    def position_bias(self) -> torch.Tensor:
+        """The (p², p²) additive bias on the attention logits."""
+        return self.relative_position_bias.flatten()[self.relative_position_index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        p, nh, dh = self.window_size, self.heads, self.dim_head
+        n1, n2 = h // p, w // p
+        # (b, 3·heads·dh, h, w) -> (3, b·windows, heads, p², dh); channel order is (heads, dh) as in the reference.
+        qkv = self.qkv(x).reshape(b, 3, nh, dh, n1, p, n2, p)
+        q, k, v = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * n1 * n2, nh, p * p, dh).unbind(0)
+        bias = self.position_bias().to(q.dtype)
+        if self.fused:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        else:
+            logits = (q @ k.transpose(-2, -1)) * dh**-0.5 + bias
+            out = logits.softmax(dim=-1) @ v
+        out = out.reshape(b, n1, n2, nh, p, p, dh).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, nh * dh, h, w)
+        return self.proj(out)
+
+
+class MSABlock(_PreActResidual):
+    """The reference ``AttentionBlockB``: GELU(BN(x)) -> 1x1 conv -> BN -> window MSA, residual.
+
+    ``width = c_in // expansion``; the attention maps it to ``planes * expansion`` channels. There is no FFN:
+    the neighbouring Conv blocks play that role (PAPER.md §1.3).
+    """
+
+    def __init__(
+        self,
+        c_in: int,
+        planes: int,
+        *,
+        expansion: int,
+        heads: int,
+        dim_head: int,
+        window_size: int,
+        stride: int = 1,
+        drop_path: float = 0.0,
+    ) -> None:
+        if stride != 1:
+            raise ValueError("an MSA block cannot subsample; the first block of a strided stage must be Conv")
+        self.expansion = expansion
+        super().__init__(c_in, planes * expansion, stride, drop_path, nn.GELU)
+        width = c_in // expansion
+        self.conv = _conv1x1(c_in, width)
+        self.norm2 = nn.BatchNorm2d(width)
+        self.attn = WindowAttention(width, planes * expansion, heads, dim_head, window_size)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(self.norm2(self.conv(x)))
+
+
+CONV_BLOCKS: dict[str, type[_PreActResidual]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

@@ -1,0 +1,149 @@
+"""The timm bridge: ``alternet*`` entrypoints and export to a folder that ``timm.create_model`` loads.
+
+``import alternas`` registers the entrypoints; ``timm.create_model("local-dir:DIR", pretrained=True)`` then
+rebuilds an exported model from ``DIR/config.json`` (its ``model_args``) and loads ``DIR/model.safetensors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, save_for_hf
+
+from alternas.errors import ConfigError
+from alternas.models.alternet import CIFAR100_MEAN, CIFAR100_STD, AlterNet
+from alternas.models.bases import get_base
+from alternas.placement import Placement
+
+PAPER_CIFAR100_PLACEMENT = "CCC,CCCM,CCCCCM,CMCM"  # PAPER.md §1.4: Alter-ResNet-50 for CIFAR-100, 33.01 M params
+
+
+def _cfg(**overrides: Any) -> dict[str, Any]:
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "fixed_input_size": True,
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": (0.485, 0.456, 0.406),
+        "std": (0.229, 0.224, 0.225),
+        "first_conv": "stem.conv",
+        "classifier": "fc",
+        "license": "apache-2.0",
+        **overrides,
+    }
+
+
+_cifar = dict(num_classes=100, input_size=(3, 32, 32), pool_size=(4, 4), crop_pct=1.0, mean=CIFAR100_MEAN,
+              std=CIFAR100_STD)
+default_cfgs = generate_default_cfgs({
+    "alternet": _cfg(),
+    "alternet18": _cfg(),
+    "alternet34": _cfg(),
+    "alternet50": _cfg(),
+    "alternet101": _cfg(),
+    "alternet152": _cfg(),
+    "alternet50_cifar100": _cfg(**_cifar),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> AlterNet:
+    model = build_model_with_cfg(AlterNet, variant, pretrained, **kwargs)
+    # The registered cfg describes the variant's default input; the model knows its actual one.
+    model.pretrained_cfg = {**model.pretrained_cfg, **model._default_cfg(), "architecture": variant}
+    return model
+
+
+def _reference(variant: str, base: str, pretrained: bool, kwargs: dict[str, Any]) -> AlterNet:
+    """The reference code's ``dnn_*`` default: ``num_blocks2`` of the base on its AlterNet depths."""
+    b = get_base(base)
+    kwargs.setdefault("placement", str(Placement.from_counts(b.depths, b.paper_msa_counts)))
+    return _create(variant, pretrained, base=base, **kwargs)
+
+
+@register_model
+def alternet(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Generic AlterNet: pass ``placement=`` and ``base=`` (e.g. ``placement="CC,CM,CM,CM", base="resnet18"``)."""
+    if "placement" not in kwargs:
+        raise ConfigError("timm.create_model('alternet', ...) needs placement='...' (e.g. 'CC,CM,CM,CM')")
+    return _create("alternet", pretrained, **kwargs)
+
+
+@register_model
+def alternet18(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Reference ``dnn_18``: ResNet-18 base, MSA counts (0, 1, 1, 1)."""
+    return _reference("alternet18", "resnet18", pretrained, kwargs)
+
+
+@register_model
+def alternet34(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Reference ``dnn_34``: ResNet-34 base (3, 4, 6, 4), MSA counts (0, 1, 3, 2)."""
+    return _reference("alternet34", "resnet34", pretrained, kwargs)
+
+
+@register_model
+def alternet50(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Reference ``dnn_50`` (the ImageNet AlterNet-50): (3, 4, 6, 4) blocks, MSA counts (0, 1, 3, 2)."""
+    return _reference("alternet50", "resnet50", pretrained, kwargs)
+
+
+@register_model
+def alternet101(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Reference ``dnn_101``: (3, 4, 23, 4) blocks, MSA counts (0, 1, 3, 2)."""
+    return _reference("alternet101", "resnet101", pretrained, kwargs)
+
+
+@register_model
+def alternet152(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """Reference ``dnn_152``: (3, 8, 36, 4) blocks, MSA counts (0, 1, 3, 2)."""
+    return _reference("alternet152", "resnet152", pretrained, kwargs)
+
+
+@register_model
+def alternet50_cifar100(pretrained: bool = False, **kwargs: Any) -> AlterNet:
+    """The paper's CIFAR-100 Alter-ResNet-50 (``CCC,CCCM,CCCCCM,CMCM``, 4x4 windows, 33.01 M parameters)."""
+    kwargs.setdefault("placement", PAPER_CIFAR100_PLACEMENT)
+    kwargs.setdefault("window_size", 4)
+    return _create("alternet50_cifar100", pretrained, base="resnet50", **kwargs)
+
+
+# -- export / load ---------------------------------------------------------------------------------------------------
+def load_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load weights safely: safetensors, or a torch checkpoint with ``weights_only=True``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        first = (missing or unexpected or wrong)[0]
+        raise ConfigError(
+            f"checkpoint {path} does not fit this architecture: {len(missing)} missing, {len(unexpected)} "
+            f"unexpected and {len(wrong)} mis-shaped tensors (first: {first}); check --placement/--base/--num-classes"
+        )
+    model.load_state_dict(state)
+
+
+def export_to_timm(model: AlterNet, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` that ``timm.create_model("local-dir:OUT")`` loads."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export target {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(f"export folder {out} is not empty; pass --force to overwrite it or choose another --out")
+    cfg = {**model.pretrained_cfg, "architecture": "alternet"}
+    model.pretrained_cfg = cfg
+    save_for_hf(model, str(out), model_args=model.model_args, safe_serialization=True)
+    return out

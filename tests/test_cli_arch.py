@@ -1,0 +1,43 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "alternas", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_arch_table_reports_params_and_flops() -> None:
+    res = run("arch", "CCC,CCCM,CCCCCM,CMCM", "--base", "resnet50", "--num-classes", "100", "--image-size", "32")
+    assert res.returncode == 0, res.stderr
+    assert "params: 33,012,840" in res.stdout
+    assert "c4.4" in res.stdout and "msa" in res.stdout
+
+
+def test_arch_json() -> None:
+    res = run("arch", "cc, cm, cm, cm", "--base", "resnet18", "--num-classes", "10", "--image-size", "32", "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["placement"] == "CC,CM,CM,CM" and data["base"] == "resnet18"
+    assert isinstance(data["params"], int) and data["flops"] > 0
+    assert [b["kind"] for b in data["blocks"]].count("msa") == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["CC,CX,CM,CM", "--base", "resnet18"], "unknown block letter 'X' at character 5"),
+        (["CC,MC,CM,CM", "--base", "resnet18"], "stage 2 starts with M"),
+        (["CC,CM,CM", "--base", "resnet18"], "has 3 stage(s) but the base has 4"),
+        (["CC,CM,CM,CM", "--base", "nope"], "unknown base 'nope'"),
+        (["CC,CM,CM,CM", "--base", "resnet18", "--image-size", "32", "--window-size", "3"], "not tiled by 3x3"),
+        (["CC,CM,CM,CM", "--image-size", "zero"], "Invalid value for '--image-size'"),
+    ],
+)
+def test_arch_errors_are_one_line_exit_2(args: list[str], fragment: str) -> None:
+    res = run("arch", *args)
+    assert res.returncode == 2
+    assert fragment in res.stderr
+    assert "Traceback" not in res.stderr
