@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -23,6 +24,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except AlternasError as err:
             click.echo(f"alternas: error: {err}", err=True)
+            sys.exit(2)
+        except click.UsageError as err:
+            command = err.ctx.command_path if err.ctx else "alternas"
+            click.echo(f"alternas: error: {err.format_message()} (see '{command} --help')", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("alternas: interrupted; finished work is saved, run the same command again to resume",
@@ -113,6 +118,90 @@ def export(base: str, num_classes: int, image_size: int, window_size: int | None
     out = export_to_timm(model.eval(), out_dir, force=force)
     click.echo(f"exported {model.placement} ({base}) to {out}; load it with "
                f"`import alternas, timm; timm.create_model('local-dir:{out}', pretrained=True)`")
+
+
+def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--set key=value`` pairs -> dict (values are coerced by the recipe)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        out[key.strip().replace("-", "_")] = value
+    return out
+
+
+def _data_options(func: Any) -> Any:
+    for option in reversed([
+        click.option("--data", "data_name", default="shapes", show_default=True,
+                     help="cifar10, cifar100, shapes, textures or imagefolder:PATH."),
+        click.option("--data-root", default=None, help="Where datasets live (default $ALTERNAS_DATA or the cache)."),
+        click.option("--subset", type=float, default=None,
+                     help="Train on a class-balanced subset: a fraction (0-1] or a number of images."),
+        click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+                     help="Share of the training set held out for validation (seeded)."),
+    ]):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.option("--placement", required=True, help="Placement string, e.g. CC,CM,CM,CM.")
+@click.option("--base", default="resnet50", show_default=True)
+@click.option("--window-size", type=click.IntRange(min=1), default=None)
+@_data_options
+@click.option("--recipe", "recipe_name", default="fast", show_default=True,
+              help="fast, paper, paper-imagenet or paper-sgd.")
+@click.option("--recipe-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="YAML mapping of recipe keys applied on top of --recipe.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs after warmup.")
+@click.option("--batch-size", type=click.IntRange(min=2), default=None)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other recipe key (repeatable).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Run folder.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available).")
+@click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (CUDA).")
+@click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def train(placement: str, base: str, window_size: int | None, data_name: str, data_root: str | None,
+          subset: float | None, val_fraction: float, recipe_name: str, recipe_file: str | None, epochs: int | None,
+          batch_size: int | None, lr: float | None, sets: tuple[str, ...], out_dir: str, resume: bool, seed: int,
+          device: str | None, compile_model: bool, deterministic: bool, quiet: bool) -> None:
+    """Train one AlterNet and write metrics, checkpoints and weights to --out."""
+    import yaml
+
+    from alternas.data import DataConfig, load_data
+    from alternas.errors import ConfigError
+    from alternas.train import fit, get_recipe
+    from alternas.train.run import model_for, run_config
+
+    overrides: dict[str, Any] = {}
+    if recipe_file:
+        loaded = yaml.safe_load(Path(recipe_file).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{recipe_file}: expected a mapping of recipe keys")
+        overrides.update(loaded)
+    overrides.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v})
+    overrides.update(_parse_sets(sets))
+    recipe = get_recipe(recipe_name, overrides)
+    data_cfg = DataConfig(data_name, root=data_root, subset=subset, val_fraction=val_fraction, seed=seed)
+    data = load_data(data_cfg)
+    model = model_for(placement, base, data, recipe, window_size, seed=seed)
+    is_main = int(__import__("os").environ.get("RANK", "0")) == 0
+    if not quiet and is_main:
+        click.echo(f"{model.placement} on {base} | {data.summary()} | recipe {recipe.name}, "
+                   f"{recipe.total_epochs} epochs")
+    result = fit(model, data, recipe, out_dir, seed=seed, device=device, resume=resume, quiet=quiet,
+                 compile_model=compile_model, deterministic=deterministic,
+                 run_config=run_config(model, data_cfg.to_dict()))
+    if is_main:
+        test = f", test acc {result.test['acc']:.2f}%" if result.test else ""
+        click.echo(f"{result.status}: {result.epochs_completed}/{result.total_epochs} epochs, "
+                   f"val acc {result.val.get('acc', float('nan')):.2f}%{test} -> {out_dir}")
+    if result.status != "completed":
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,142 @@
+"""Batch pipelines.
+
+``TensorLoader`` is the fast path: the whole uint8 set lives on the training device and crop-with-padding + flip
+run on whole batches as tensor ops, so no per-sample Python runs in the hot loop. ``pil_loader`` is the paper
+recipe's path: RandAugment needs PIL, so it uses a DataLoader with workers and per-sample timm/torchvision
+transforms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from alternas.data.datasets import ImageData
+
+
+def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - m) / s
+
+
+def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample ``RandomCrop(size, padding)`` (zero fill) and ``RandomHorizontalFlip(0.5)`` on a batch."""
+    b, c, h, w = images.shape
+    dev = images.device
+    if padding > 0:
+        padded = torch.nn.functional.pad(images, (padding,) * 4)
+        off = torch.randint(0, 2 * padding + 1, (2, b), generator=gen, device=gen.device).to(dev)
+        rows = (off[0].view(b, 1) + torch.arange(h, device=dev)).view(b, 1, h, 1)
+        cols = (off[1].view(b, 1) + torch.arange(w, device=dev)).view(b, 1, 1, w)
+        batch = torch.arange(b, device=dev).view(b, 1, 1, 1)
+        chan = torch.arange(c, device=dev).view(1, c, 1, 1)
+        images = padded[batch, chan, rows, cols]
+    if flip:
+        mask = (torch.rand(b, generator=gen, device=gen.device) < 0.5).to(dev).view(b, 1, 1, 1)
+        images = torch.where(mask, images.flip(-1), images)
+    return images
+
+
+class TensorLoader:
+    """Batches of an in-memory ``ImageData`` on ``device``, shuffled and augmented with a seeded generator.
+
+    Under data parallelism each rank takes every ``world``-th index of the same permutation. The generator's
+    state is part of the training checkpoint, so a resumed run sees the same batches.
+    """
+
+    def __init__(
+        self,
+        data: ImageData,
+        batch_size: int,
+        *,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        device: torch.device | str = "cpu",
+        shuffle: bool = False,
+        crop_padding: int = 0,
+        flip: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+    ) -> None:
+        self.device = torch.device(device)
+        self.images = data.images.to(self.device)
+        self.labels = data.labels.to(self.device)
+        self.batch_size, self.mean, self.std = batch_size, mean, std
+        self.shuffle, self.crop_padding, self.flip, self.drop_last = shuffle, crop_padding, flip, drop_last
+        self.rank, self.world = rank, world
+        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: identical streams on every device
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        return order[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        n = len(range(self.rank, len(self.labels), self.world))
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._indices()
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            if self.drop_last and len(idx) < self.batch_size:
+                break
+            idx = idx.to(self.device)
+            x = self.images[idx]
+            if self.crop_padding or self.flip:
+                x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
+            yield normalize(x, self.mean, self.std), self.labels[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class _PILDataset(Dataset):
+    """uint8 tensors -> PIL -> a torchvision/timm transform, per sample (the reference pipeline)."""
+
+    def __init__(self, data: ImageData, transform: Any) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.data.images[i].permute(1, 2, 0).numpy())
+        return self.transform(img), int(self.data.labels[i])
+
+
+def pil_loader(
+    data: ImageData,
+    transform: Any,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    workers: int,
+    seed: int,
+    rank: int = 0,
+    world: int = 1,
+) -> DataLoader:
+    """A DataLoader with per-sample PIL transforms; sharded with a DistributedSampler-like stride when world > 1."""
+    dataset = _PILDataset(data, transform)
+    sampler = None
+    if world > 1:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
+        generator=gen, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+    )

@@ -1,0 +1,133 @@
+"""Built-in procedurally generated datasets: offline, deterministic by seed, 32x32 RGB, 10 classes.
+
+They probe the paper's claim that MSAs are low-pass (shape-biased) and Convs high-pass (texture-biased) by
+putting the label in one frequency band only. Every image is the sum of two components:
+
+* a **low-frequency** component: a soft-edged shape (disk, ring, square, diamond, plus, bars, triangle, two dots,
+  hollow square) in a random colour on a random background, jittered in position and size. Edges are sigmoid
+  ramps ~1.5 px wide, so almost all of its energy lies below 0.4π (radial, in cycles per pixel × 2π).
+* a **high-frequency** component: a sum of plane-wave gratings with frequencies in [0.6π, 0.95π], random phase and
+  per-channel amplitude, plus faint white noise.
+
+``shapes``: the label picks the shape (low band); the gratings are random and class-independent.
+``textures``: the label picks the grating's (orientation, frequency) pair (high band); the shape is random.
+
+So a model that only sees low frequencies can solve ``shapes`` but not ``textures``, and vice versa.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+SHAPE_NAMES = ("disk", "ring", "square", "diamond", "plus", "h-bar", "v-bar", "triangle", "two-dots", "frame")
+# textures: 5 orientations x 2 frequencies (in units of π rad/pixel)
+TEXTURE_CLASSES = tuple((angle, freq) for freq in (0.62, 0.88) for angle in (0.0, 36.0, 72.0, 108.0, 144.0))
+TEXTURE_NAMES = tuple(f"grating-{int(a)}deg-{f:.2f}pi" for a, f in TEXTURE_CLASSES)
+_EDGE = 1.5  # px, width of the soft edge of shapes (keeps the shape component low-pass)
+_LOW_RANGE = 0.45  # the low component spans 0.5 ± 0.225, so low + high rarely clips to [0, 1]
+
+
+def _soft(inside: torch.Tensor) -> torch.Tensor:
+    """Signed distance (positive inside, px) -> soft mask in [0, 1]."""
+    return torch.sigmoid(inside / (_EDGE / 2))
+
+
+def _shape_masks(labels: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
+    """(N, size, size) soft masks of the labelled shapes, jittered in centre and scale."""
+    n = labels.numel()
+    centre = size / 2 - 0.5 + (torch.rand(n, 2, generator=gen) * 8 - 4)  # ±4 px
+    scale = 6.5 + torch.rand(n, generator=gen) * 3.0  # "radius" 6.5-9.5 px
+    coords = torch.arange(size, dtype=torch.float32)
+    dy = coords.view(1, -1, 1) - centre[:, 0].view(-1, 1, 1)
+    dx = coords.view(1, 1, -1) - centre[:, 1].view(-1, 1, 1)
+    r = scale.view(-1, 1, 1)
+    ax, ay = dx.abs(), dy.abs()
+    dist = torch.sqrt(dx**2 + dy**2)
+    thick = r * 0.35
+    candidates = [
+        r - dist,  # disk
+        torch.minimum(r - dist, dist - (r - thick)),  # ring
+        r * 0.85 - torch.maximum(ax, ay),  # square
+        r * 1.15 - (ax + ay),  # diamond
+        torch.maximum(torch.minimum(r - ax, thick / 1.2 - ay), torch.minimum(r - ay, thick / 1.2 - ax)),  # plus
+        torch.minimum(r * 1.2 - ax, r * 0.4 - ay),  # horizontal bar
+        torch.minimum(r * 1.2 - ay, r * 0.4 - ax),  # vertical bar
+        torch.minimum(dy + r * 0.7, (r * 0.8 - dy) * 0.5 - ax * 0.9),  # triangle (apex down)
+        r * 0.45 - torch.sqrt((ax - r * 0.7) ** 2 + dy**2),  # two dots
+        torch.minimum(r * 0.9 - torch.maximum(ax, ay), torch.maximum(ax, ay) - r * 0.45),  # hollow square
+    ]
+    stacked = torch.stack(candidates, dim=1)  # (N, 10, H, W)
+    inside = stacked.gather(1, labels.view(-1, 1, 1, 1).expand(-1, 1, size, size)).squeeze(1)
+    return _soft(inside)
+
+
+def _colours(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Foreground and background colours with at least 0.35 mean contrast."""
+    bg = torch.rand(n, 3, generator=gen) * 0.7 + 0.15
+    sign = torch.where(bg.mean(1, keepdim=True) > 0.5, -1.0, 1.0)
+    fg = (bg + sign * (0.35 + torch.rand(n, 3, generator=gen) * 0.3)).clamp(0.0, 1.0)
+    return fg, bg
+
+
+def low_component(labels: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(N, 3, size, size) float images of the labelled shapes in random colours."""
+    mask = _shape_masks(labels, gen, size).unsqueeze(1)
+    fg, bg = _colours(labels.numel(), gen)
+    image = bg.view(-1, 3, 1, 1) + (fg - bg).view(-1, 3, 1, 1) * mask
+    return 0.5 + (image - 0.5) * _LOW_RANGE  # headroom for the gratings: clipping would leak high into low
+
+
+def high_component(
+    angles: torch.Tensor, freqs: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE, amplitude: float = 0.16
+) -> torch.Tensor:
+    """(N, 3, size, size) zero-mean gratings: one per (angle in degrees, frequency in π rad/px) row of the inputs.
+
+    ``angles``/``freqs`` have shape (N, G): G gratings are summed per image. Per-channel amplitudes are random
+    (including sign), so colour carries no label.
+    """
+    n, g = angles.shape
+    coords = torch.arange(size, dtype=torch.float32)
+    theta = torch.deg2rad(angles).view(n, g, 1, 1)
+    omega = (freqs * math.pi).view(n, g, 1, 1)
+    phase = (torch.rand(n, g, 1, 1, generator=gen) * 2 * math.pi)
+    wave = torch.cos(omega * (coords.view(1, 1, 1, -1) * torch.cos(theta) + coords.view(1, 1, -1, 1) * torch.sin(theta))
+                     + phase)  # (N, G, H, W)
+    channel_amp = amplitude * (0.6 + 0.4 * torch.rand(n, g, 3, generator=gen)) * torch.where(
+        torch.rand(n, g, 3, generator=gen) < 0.5, -1.0, 1.0)
+    return torch.einsum("ngc,nghw->nchw", channel_amp, wave)
+
+
+def generate(
+    kind: str, n: int, seed: int, size: int = IMAGE_SIZE, return_components: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` images of dataset ``kind`` ('shapes' or 'textures') as uint8 (N, 3, size, size) and int64 labels.
+
+    Deterministic in (kind, n, seed, size). With ``return_components`` the float low- and high-frequency
+    components are returned too (tests check where each one's energy lies).
+    """
+    if kind not in ("shapes", "textures"):
+        raise ValueError(f"unknown synthetic dataset {kind!r}")
+    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures"))
+    labels = torch.arange(n) % NUM_CLASSES
+    labels = labels[torch.randperm(n, generator=gen)]
+    random_labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
+    if kind == "shapes":
+        low = low_component(labels, gen, size)
+        angles = torch.rand(n, 2, generator=gen) * 180.0
+        freqs = 0.6 + torch.rand(n, 2, generator=gen) * 0.35
+        high = high_component(angles, freqs, gen, size, amplitude=0.11)
+    else:
+        low = low_component(random_labels, gen, size)
+        table = torch.tensor(TEXTURE_CLASSES)
+        angles = (table[labels, 0] + (torch.rand(n, generator=gen) * 8 - 4)).view(n, 1)
+        freqs = (table[labels, 1] + (torch.rand(n, generator=gen) * 0.04 - 0.02)).view(n, 1)
+        high = high_component(angles, freqs, gen, size, amplitude=0.22)
+    high = high + 0.015 * torch.randn(low.shape, generator=gen)
+    images = ((low + high).clamp(0, 1) * 255).round().to(torch.uint8)
+    if return_components:
+        return images, labels, low, high
+    return images, labels

@@ -1,0 +1,79 @@
+"""Atomic per-epoch checkpoints: weights as safetensors, the rest loaded with ``weights_only=True``.
+
+Layout of ``RUN/checkpoint/``: ``model-EEEE.safetensors`` and ``state.pt`` (epoch, optimizer, RNG states and the
+name of the weights file). ``state.pt`` is written to a temporary file and renamed, and the previous weights file
+is removed only afterwards, so a kill at any point leaves a consistent pair on disk.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random stream a training epoch draws from, as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
+    """Write weights + training state for the epoch in ``state['epoch']``; returns the weights file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"model-{state['epoch']:04d}.safetensors"
+    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(weights))
+    previous = load_state(folder)
+    _atomic_torch_save({**state, "weights": weights.name}, folder / "state.pt")
+    if previous and previous["weights"] != weights.name:
+        (folder / previous["weights"]).unlink(missing_ok=True)
+    return weights
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / "state.pt"
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(weights, state) of the last complete epoch, or ``None`` when there is no checkpoint."""
+    state = load_state(folder)
+    if state is None:
+        return None
+    return load_file(str(folder / state["weights"])), state

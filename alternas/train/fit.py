@@ -1,0 +1,320 @@
+"""The training loop every candidate goes through: ``fit(model, data, recipe, out_dir) -> RunResult``.
+
+It picks the device, runs bf16 autocast + channels_last on CUDA, checkpoints atomically every epoch, resumes
+exactly, reports divergence as a status (never an exception that would kill a search), and runs data-parallel
+under ``torchrun``. Files in the run folder: ``config.yaml``, ``metrics.csv``, ``metrics.json``,
+``checkpoint/``, and ``model.safetensors`` once finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from alternas.data.datasets import DataSplits
+from alternas.data.loader import TensorLoader, pil_loader
+from alternas.errors import ConfigError
+from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from alternas.train.metrics import evaluate
+from alternas.train.recipe import Recipe
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class RunResult:
+    """What a training run produced. ``status``: completed | diverged | interrupted."""
+
+    status: str
+    run_dir: str
+    epochs_completed: int
+    total_epochs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    val: dict[str, float] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    wall_time: float = 0.0
+    images_per_s: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``name`` if given, else CUDA, then MPS, then CPU (under torchrun: this rank's GPU)."""
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world) — initialising the process group when started by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
+    if recipe.uses_pil_pipeline:
+        return pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
+                          workers=recipe.workers, seed=seed, rank=rank, world=world)
+    return TensorLoader(data.train, recipe.batch_size, mean=data.mean, std=data.std, device=device, shuffle=True,
+                        crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0, flip=recipe.flip,
+                        seed=seed, rank=rank, world=world)
+
+
+def build_train_transform(recipe: Recipe, data: DataSplits):
+    """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    size = data.image_size
+    steps: list[Any] = []
+    if recipe.crop == "resized":
+        steps.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC))
+    elif recipe.crop_padding:
+        steps.append(T.RandomCrop(size, padding=recipe.crop_padding))
+    if recipe.flip:
+        steps.append(T.RandomHorizontalFlip(0.5))
+    if recipe.randaugment:
+        # no "interpolation" key: timm then picks bilinear or bicubic at random per op, as the reference did
+        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in data.mean)}
+        steps.append(rand_augment_transform(recipe.randaugment, hparams))
+    steps += [T.ToTensor(), T.Normalize(data.mean, data.std)]
+    if recipe.random_erasing > 0:
+        steps.append(RandomErasing(recipe.random_erasing, mode="const", max_count=1, device="cpu"))
+    return T.Compose(steps)
+
+
+def eval_batches(data, split_data, batch_size: int, device: torch.device) -> TensorLoader:
+    return TensorLoader(split_data, batch_size, mean=data.mean, std=data.std, device=device)
+
+
+def _write_metrics(run_dir: Path, history: list[dict], summary: dict) -> None:
+    if history:
+        with open(run_dir / "metrics.csv.tmp", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(run_dir / "metrics.csv.tmp", run_dir / "metrics.csv")
+    tmp = run_dir / "metrics.json.tmp"
+    tmp.write_text(json.dumps({**summary, "history": history}, indent=2))
+    os.replace(tmp, run_dir / "metrics.json")
+
+
+def _finished_result(run_dir: Path) -> RunResult | None:
+    """The result of a run that already ended (completed or diverged), read back from ``metrics.json``."""
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("status") in ("completed", "diverged") and "result" in saved:
+        return RunResult(**saved["result"])
+    return None
+
+
+def fit(
+    model: torch.nn.Module,
+    data: DataSplits,
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    resume: bool = False,
+    quiet: bool = False,
+    compile_model: bool = False,
+    deterministic: bool = False,
+    run_config: dict[str, Any] | None = None,
+    epoch_callback: EpochCallback | None = None,
+    init_weights: dict[str, torch.Tensor] | None = None,
+) -> RunResult:
+    """Train ``model`` on ``data.train`` with ``recipe``, validating on ``data.val`` each epoch.
+
+    ``resume=True`` continues from the last checkpoint in ``out_dir`` (a finished run is returned as is).
+    ``epoch_callback(epoch, metrics)`` runs after each epoch's checkpoint is on disk; an exception it raises
+    (e.g. Optuna's ``TrialPruned``) propagates. ``init_weights`` (a partial state dict) warm-starts a fresh run.
+    """
+    run_dir = Path(out_dir)
+    rank, world = _distributed()
+    dev = torch.device(device) if device else pick_device()
+    is_main = rank == 0
+    ckpt_dir = run_dir / "checkpoint"
+    finished = _finished_result(run_dir)
+    saved = load_checkpoint(ckpt_dir) if run_dir.exists() else None
+    if (saved is not None or finished is not None) and not resume:
+        raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it or choose "
+                          "another --out")
+    if finished is not None:
+        return finished
+
+    seed_everything(seed, deterministic)
+    cuda = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if cuda else None
+    model = model.to(dev)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    if init_weights:
+        model.load_state_dict(init_weights, strict=False)
+
+    decay = recipe.weight_decay
+    if recipe.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=decay)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                    weight_decay=decay, nesterov=recipe.nesterov)
+    train_batches = _train_batches(data, recipe, dev, seed, rank, world)
+    val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev)
+    mixup = None
+    if recipe.uses_mixup:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
+                      label_smoothing=recipe.label_smoothing, num_classes=data.num_classes)
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if saved is not None:
+        weights, state = saved
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        if isinstance(train_batches, TensorLoader):
+            train_batches.load_state_dict(state["loader"])
+        history = [dict(h) for h in state["history"]]
+        start_epoch = state["epoch"] + 1
+
+    net: torch.nn.Module = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if cuda else None)
+    if compile_model:
+        net = torch.compile(net)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config = {"recipe": recipe.to_dict(), "seed": seed, "data": data.summary(), **(run_config or {})}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+
+    total = recipe.total_epochs
+    steps = len(train_batches)
+    summary: dict[str, Any] = {"status": "running"}
+    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    started = time.perf_counter() - sum(h["epoch_time"] for h in history)
+    status, error = "completed", None
+    try:
+        for epoch in range(start_epoch, total):
+            if world > 1 and hasattr(train_batches, "sampler") and hasattr(train_batches.sampler, "set_epoch"):
+                train_batches.sampler.set_epoch(epoch)
+            net.train()
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=dev)
+            seen = 0
+            bar = tqdm(train_batches, total=steps, desc=f"epoch {epoch + 1}/{total}", leave=False,
+                       disable=quiet or not is_main, dynamic_ncols=True)
+            for step, (x, y) in enumerate(bar):
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                if mixup is not None:
+                    if len(x) % 2:  # timm's batch mixing needs an even batch
+                        x, y = x[:-1], y[:-1]
+                    x, y = mixup(x, y)
+                if cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                for group in optimizer.param_groups:
+                    group["lr"] = recipe.lr_at(epoch, step, steps)
+                with autocast:
+                    logits = net(x)
+                if mixup is not None:
+                    loss = torch.sum(-y * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+                else:
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if recipe.clip_grad:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
+                optimizer.step()
+                loss_sum += loss.detach() * len(x)
+                seen += len(x)
+                if step % 10 == 0 and not bar.disable:
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
+            if world > 1:
+                stats = torch.stack([loss_sum, torch.tensor(float(seen), device=dev)])
+                dist.all_reduce(stats)
+                loss_sum, seen = stats[0], int(stats[1])
+            train_loss = float(loss_sum) / max(seen, 1)
+            train_time = time.perf_counter() - t0
+            if not math.isfinite(train_loss):
+                status, error = "diverged", f"training loss became {train_loss} in epoch {epoch + 1}"
+                break
+            val = evaluate(model, val_batches, device=dev, amp_dtype=amp_dtype, channels_last=cuda)
+            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
+                   "val_acc": val["acc"], "val_top5": val["top5"], "val_nll": val["nll"], "val_ece": val["ece"],
+                   "images_per_s": seen / train_time, "epoch_time": time.perf_counter() - t0}
+            history.append(row)
+            if is_main:
+                save_checkpoint(ckpt_dir, model.state_dict(), {
+                    "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
+                    "loader": train_batches.state_dict() if isinstance(train_batches, TensorLoader) else {},
+                })
+                _write_metrics(run_dir, history, {"status": "running"})
+            if world > 1:
+                dist.barrier()
+            if not quiet and is_main:
+                tqdm.write(f"epoch {epoch + 1}/{total}  loss {train_loss:.4f}  val acc {val['acc']:.2f}%  "
+                           f"nll {val['nll']:.3f}  {row['images_per_s']:.0f} img/s")
+            if epoch_callback is not None:
+                epoch_callback(epoch, row)
+    except KeyboardInterrupt:
+        if is_main:
+            _write_metrics(run_dir, history, {"status": "interrupted"})
+        raise
+
+    last = history[-1] if history else {}
+    result = RunResult(
+        status=status, run_dir=str(run_dir), epochs_completed=len(history), total_epochs=total, history=history,
+        val={k[4:]: v for k, v in last.items() if k.startswith("val_")}, wall_time=time.perf_counter() - started,
+        images_per_s=float(np.mean([h["images_per_s"] for h in history])) if history else 0.0, error=error,
+    )
+    if status == "completed":
+        test = eval_batches(data, data.test, recipe.eval_batch_size, dev)
+        result.test = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=cuda)
+    if is_main:
+        summary = {"status": status, "result": result.to_dict()}
+        if status == "completed":
+            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
+                      str(run_dir / "model.safetensors"))
+        _write_metrics(run_dir, history, summary)
+    return result

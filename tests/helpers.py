@@ -1,0 +1,61 @@
+"""Writers of small datasets in real on-disk formats, for tests that exercise the real readers."""
+
+from __future__ import annotations
+
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+
+def write_cifar(root: Path, name: str, n_train: int = 60, n_test: int = 20, seed: int = 0, tarball: bool = False
+                ) -> np.ndarray:
+    """CIFAR python-pickle layout (``cifar-10-batches-py`` or ``cifar-100-python``); returns the train labels."""
+    rng = np.random.default_rng(seed)
+    classes = 10 if name == "cifar10" else 100
+    folder = root / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    folder.mkdir(parents=True)
+    label_key = "labels" if name == "cifar10" else "fine_labels"
+    train_labels = rng.integers(0, classes, n_train)
+
+    def dump(fname: str, labels: np.ndarray) -> None:
+        data = rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)
+        with open(folder / fname, "wb") as fh:
+            pickle.dump({"data": data, label_key: labels.tolist(), "batch_label": fname}, fh)
+
+    if name == "cifar10":
+        for i, chunk in enumerate(np.array_split(train_labels, 5), start=1):
+            dump(f"data_batch_{i}", chunk)
+        dump("test_batch", rng.integers(0, classes, n_test))
+        meta = {"label_names": [f"class{i}" for i in range(classes)]}
+        meta_name = "batches.meta"
+    else:
+        dump("train", train_labels)
+        dump("test", rng.integers(0, classes, n_test))
+        meta = {"fine_label_names": [f"class{i}" for i in range(classes)], "coarse_label_names": []}
+        meta_name = "meta"
+    with open(folder / meta_name, "wb") as fh:
+        pickle.dump(meta, fh)
+    if tarball:
+        archive = root / f"{folder.name.replace('-batches-py', '-python')}.tar.gz"
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(folder, arcname=folder.name)
+        import shutil
+
+        shutil.rmtree(folder)
+    return train_labels
+
+
+def write_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48)) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                arr = np.full((size[1], size[0], 3), 40 + 80 * c, dtype=np.uint8)
+                arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
+                Image.fromarray(arr).save(d / f"img_{i}.png")

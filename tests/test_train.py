@@ -1,0 +1,152 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from alternas.data import DataConfig, load_data
+from alternas.errors import ConfigError
+from alternas.train import PRESETS, Recipe, fit, get_recipe
+from alternas.train.fit import build_train_transform
+from alternas.train.run import model_for
+
+
+@pytest.fixture(scope="module")
+def textures():
+    return load_data(DataConfig("textures", subset=1500, val_fraction=0.2, seed=0))
+
+
+def test_paper_recipe_is_the_reference_cifar_recipe() -> None:
+    r = PRESETS["paper"]
+    assert (r.optimizer, r.lr, r.weight_decay, r.batch_size, r.eval_batch_size) == ("adamw", 1.25e-4, 0.05, 96, 256)
+    assert (r.warmup_epochs, r.epochs, r.total_epochs, r.schedule) == (5, 300, 305, "cosine")
+    assert (r.clip_grad, r.label_smoothing, r.mixup, r.cutmix, r.drop_path) == (5.0, 0.1, 1.0, 0.8, 0.1)
+    assert r.randaugment == "rand-m9-n2-mstd1.0" and r.crop_padding == 4 and r.flip
+    assert PRESETS["paper-imagenet"].clip_grad is None and PRESETS["paper-imagenet"].random_erasing == 0.25
+
+
+def test_schedule_warms_up_per_iteration_then_cosine_per_epoch() -> None:
+    r = PRESETS["paper"]
+    assert r.lr_at(0, 0, 100) == 0.0
+    assert r.lr_at(2, 50, 100) == pytest.approx(1.25e-4 * 250 / 500)
+    assert r.lr_at(5, 0, 100) == pytest.approx(1.25e-4)
+    assert r.lr_at(5, 99, 100) == pytest.approx(1.25e-4)  # constant within an epoch
+    assert r.lr_at(155, 0, 100) == pytest.approx(1.25e-4 * 0.5)
+    sgd = PRESETS["paper-sgd"]
+    assert sgd.lr_at(1 + 60, 0, 10) == pytest.approx(0.1 * 0.2)
+    assert sgd.lr_at(1 + 170, 0, 10) == pytest.approx(0.1 * 0.2**3)
+
+
+def test_recipe_round_trips_through_yaml_and_rejects_bad_keys() -> None:
+    for recipe in PRESETS.values():
+        assert Recipe.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe
+    r = get_recipe("fast", {"epochs": "3", "lr": "0.01", "flip": "false", "clip_grad": "none", "milestones": "2,4"})
+    assert (r.epochs, r.lr, r.flip, r.clip_grad, r.milestones) == (3, 0.01, False, None, (2, 4))
+    with pytest.raises(ConfigError, match="unknown recipe key 'learning_rate'"):
+        get_recipe("fast", {"learning_rate": 1})
+    with pytest.raises(ConfigError, match="unknown recipe 'slow'"):
+        get_recipe("slow")
+    with pytest.raises(ConfigError, match="lr must be > 0"):
+        get_recipe("fast", {"lr": "-1"})
+    with pytest.raises(ConfigError, match="cannot read 'x' as int"):
+        get_recipe("fast", {"epochs": "x"})
+
+
+def test_paper_transform_uses_timm_randaugment(textures) -> None:
+    from timm.data.auto_augment import RandAugment
+
+    transform = build_train_transform(PRESETS["paper"], textures)
+    kinds = [type(t).__name__ for t in transform.transforms]
+    assert kinds[:3] == ["RandomCrop", "RandomHorizontalFlip", "RandAugment"]
+    ra = transform.transforms[2]
+    assert isinstance(ra, RandAugment) and ra.num_layers == 2
+    assert ra.ops[0].magnitude == 9 and ra.ops[0].magnitude_std == 1.0
+
+
+def test_two_epochs_learn_well_above_chance(tmp_path, textures) -> None:
+    recipe = get_recipe("fast", {"epochs": 2, "warmup_epochs": 0})
+    model = model_for("CC,CM,CM,CM", "tiny", textures, recipe)
+    result = fit(model, textures, recipe, tmp_path / "run", quiet=True)
+    assert result.status == "completed" and result.epochs_completed == 2
+    assert result.val["acc"] > 30  # chance is 10%
+    assert result.test["acc"] > 30
+    assert {"acc", "top5", "nll", "ece"} <= set(result.val)
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["status"] == "completed" and len(saved["history"]) == 2
+    header = (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "lr", "train_loss", "val_acc", "val_top5", "val_nll", "val_ece", "images_per_s"} <= set(header)
+    config = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert config["recipe"]["epochs"] == 2 and config["seed"] == 0
+    assert set(load_file(tmp_path / "run" / "model.safetensors")) == set(model.state_dict())
+
+
+def test_resume_continues_with_identical_results(tmp_path, textures) -> None:
+    recipe = get_recipe("fast", {"epochs": 2, "warmup_epochs": 1, "drop_path": 0.1})
+    straight = fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "a", quiet=True)
+
+    def stop_after_first(epoch: int, _: dict) -> None:
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True,
+            epoch_callback=stop_after_first)
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["status"] == "interrupted"
+    with pytest.raises(ConfigError, match="pass --resume"):
+        fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True)
+    resumed = fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True,
+                  resume=True)
+    assert resumed.epochs_completed == 3
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["val_acc"] for h in straight.history] == [h["val_acc"] for h in resumed.history]
+    again = fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True,
+                resume=True)
+    assert again.test == resumed.test  # a finished run is read back, not retrained
+
+
+def test_divergence_is_a_status_not_an_exception(tmp_path, textures) -> None:
+    recipe = get_recipe("fast", {"epochs": 2, "warmup_epochs": 0, "lr": 1e30, "clip_grad": None})
+    result = fit(model_for("CC,CC,CC,CC", "tiny", textures, recipe), textures, recipe, tmp_path / "d", quiet=True)
+    assert result.status == "diverged" and "training loss became" in result.error
+    assert json.loads((tmp_path / "d" / "metrics.json").read_text())["status"] == "diverged"
+
+
+def _cli(*args: str, env: dict | None = None, prefix: tuple[str, ...] = (sys.executable, "-m", "alternas")):
+    full_env = {**os.environ, "ALTERNAS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=600, env=full_env)
+
+
+def test_data_parallel_with_two_cpu_processes(tmp_path) -> None:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                "-m", "alternas"]
+    res = _cli("train", "--placement", "CC,CM,CM,CM", "--base", "tiny", "--data", "shapes", "--subset", "800",
+               "--epochs", "1", "--quiet", "--out", str(tmp_path / "ddp"), prefix=tuple(torchrun))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("completed:") == 1  # only rank 0 reports and writes
+    saved = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert saved["status"] == "completed" and len(saved["history"]) == 2
+    # each rank trains on half of the 720 training images; the logged rate counts both ranks' images
+    assert saved["result"]["epochs_completed"] == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--data", "mnist"], "unknown dataset 'mnist'"),
+        (["--data", "cifar100"], "put the extracted 'cifar-100-python/' folder"),
+        (["--set", "lr_warm=3"], "unknown recipe key 'lr_warm'"),
+        (["--recipe", "slow"], "unknown recipe 'slow'"),
+        (["--set", "novalue"], "expected KEY=VALUE"),
+    ],
+)
+def test_train_cli_errors(tmp_path, args: list[str], fragment: str) -> None:
+    res = _cli("train", "--placement", "CC,CM,CM,CM", "--base", "tiny", "--data-root", str(tmp_path), "--out",
+               str(tmp_path / "run"), *args)
+    assert res.returncode == 2, res.stderr
+    assert fragment in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) <= 2
