@@ -204,5 +204,94 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
         sys.exit(1)
 
 
+@main.command()
+@click.argument("run_dir", required=False, type=click.Path(file_okay=False))
+@click.option("--placement", default=None, help="Without RUN_DIR: the placement to build.")
+@click.option("--base", default=None, help="Without RUN_DIR: the base (default resnet50).")
+@click.option("--window-size", type=click.IntRange(min=1), default=None)
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to diagnose.")
+@click.option("--data", "data_name", default=None, help="Dataset (default: the run's, else shapes).")
+@click.option("--data-root", default=None)
+@click.option("--subset", type=float, default=None)
+@click.option("--recipe", "recipe_name", default=None, help="Recipe whose augmentation and wd the Hessian uses.")
+@click.option("--hessian", is_flag=True, help="Hessian max-eigenvalue spectrum (λ_max, NEP, APE).")
+@click.option("--fourier", is_flag=True, help="Δ log amplitude of every block's output vs depth.")
+@click.option("--variance", is_flag=True, help="Feature-map variance vs depth (same pass as --fourier).")
+@click.option("--noise", is_flag=True, help="Accuracy under band-limited noise, 0.1π..0.9π.")
+@click.option("--lesion", is_flag=True, help="Accuracy drop when each block is removed.")
+@click.option("--landscape", is_flag=True, help="2-D loss landscape (costly: grid² × batches forwards).")
+@click.option("--trace", is_flag=True, help="Hutchinson estimate of the Hessian trace.")
+@click.option("--hessian-batches", type=click.IntRange(min=1), default=None)
+@click.option("--hessian-k", type=click.IntRange(min=1), default=None)
+@click.option("--no-augment", is_flag=True, help="Hessian loss on clean batches instead of augmented ones.")
+@click.option("--no-l2", is_flag=True, help="Hessian loss without the (wd/2)·‖θ‖² term.")
+@click.option("--device", default=None)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Where diagnostics.json and diagnostics.html go (default RUN_DIR/diagnostics).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def diagnose(run_dir: str | None, placement: str | None, base: str | None, window_size: int | None,
+             checkpoint: str | None, data_name: str | None, data_root: str | None, subset: float | None,
+             recipe_name: str | None, hessian: bool, fourier: bool, variance: bool, noise: bool, lesion: bool,
+             landscape: bool, trace: bool, hessian_batches: int | None, hessian_k: int | None, no_augment: bool,
+             no_l2: bool, device: str | None, out_dir: str | None, as_json: bool) -> None:
+    """Diagnose a trained model: a run folder (RUN_DIR) or --placement/--base/--checkpoint."""
+    import yaml
+
+    from alternas.data import DataConfig, load_data
+    from alternas.diagnostics import DiagnosticsConfig
+    from alternas.diagnostics import diagnose as run_diagnostics
+    from alternas.errors import ConfigError
+    from alternas.models.timm_hub import load_weights
+    from alternas.train import get_recipe, pick_device
+    from alternas.train.recipe import Recipe
+    from alternas.train.run import model_for
+
+    saved: dict[str, Any] = {}
+    if run_dir:
+        config_path = Path(run_dir) / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); train one with `alternas train`")
+        saved = yaml.safe_load(config_path.read_text()) or {}
+        if checkpoint is None:
+            final = Path(run_dir) / "model.safetensors"
+            from alternas.train.checkpoint import load_state
+
+            state = load_state(Path(run_dir) / "checkpoint")
+            checkpoint = str(final if final.is_file() else Path(run_dir) / "checkpoint" / state["weights"]
+                             if state else final)
+    elif placement is None:
+        raise click.UsageError("give RUN_DIR, or --placement (with --base and --checkpoint)")
+    model_args = saved.get("model", {})
+    recipe = (get_recipe(recipe_name) if recipe_name else
+              Recipe.from_dict(saved["recipe"]) if "recipe" in saved else get_recipe("fast"))
+    data_cfg = DataConfig(**saved["data_config"]) if "data_config" in saved else DataConfig("shapes")
+    data_cfg = DataConfig(data_name or data_cfg.name, root=data_root or data_cfg.root,
+                          subset=subset if subset is not None else data_cfg.subset,
+                          val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, image_size=data_cfg.image_size)
+    data = load_data(data_cfg)
+    model = model_for(placement or model_args.get("placement"), base or model_args.get("base", "resnet50"), data,
+                      recipe, window_size or model_args.get("window_size"))
+    if checkpoint:
+        load_weights(model, checkpoint)
+    model = model.to(pick_device(device))
+    chosen = {"hessian": hessian, "fourier": fourier or variance, "noise": noise, "lesion": lesion,
+              "landscape": landscape, "trace": trace}
+    if not any(chosen.values()):
+        chosen.update(hessian=True, fourier=True)
+    extra = {k: v for k, v in {"hessian_batches": hessian_batches, "hessian_k": hessian_k}.items() if v}
+    config = DiagnosticsConfig(**chosen, **extra, augment=not no_augment, l2=not no_l2)
+    target = out_dir or (str(Path(run_dir) / "diagnostics") if run_dir else "diagnostics")
+    result = run_diagnostics(model, data, recipe, config, out_dir=target, label=str(model.placement))
+    summary = {k: result[k] for k in ("lambda_max", "nep", "ape", "delta_high", "hessian_trace") if k in result}
+    if noise:
+        summary["noise_delta_acc"] = dict(zip(result["noise"]["frequencies"], result["noise"]["delta_acc"]))
+    if as_json:
+        click.echo(json.dumps({"placement": str(model.placement), **summary, "out": target}))
+    else:
+        for key, value in summary.items():
+            click.echo(f"{key:>16}: {value}")
+        click.echo(f"wrote {target}/diagnostics.json and {target}/diagnostics.html")
+
+
 if __name__ == "__main__":
     main()

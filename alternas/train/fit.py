@@ -87,7 +87,7 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
+def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
     if recipe.uses_pil_pipeline:
         return pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
                           workers=recipe.workers, seed=seed, rank=rank, world=world)
@@ -197,7 +197,7 @@ def fit(
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=decay, nesterov=recipe.nesterov)
-    train_batches = _train_batches(data, recipe, dev, seed, rank, world)
+    train_batches = make_train_batches(data, recipe, dev, seed, rank, world)
     val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev)
     mixup = None
     if recipe.uses_mixup:

@@ -1,0 +1,197 @@
+"""``diagnose``: every diagnostic a candidate is scored on, with bounded, configurable cost."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from alternas.data.datasets import DataSplits
+from alternas.data.loader import TensorLoader
+from alternas.diagnostics import figures
+from alternas.diagnostics.features import feature_profile, stage_end_delta_high
+from alternas.diagnostics.hessian import hessian_spectrum, hutchinson_trace
+from alternas.diagnostics.landscape import loss_landscape
+from alternas.diagnostics.robustness import lesion_study, noise_robustness
+from alternas.errors import ConfigError
+from alternas.train.fit import make_train_batches
+from alternas.train.recipe import Recipe
+
+
+@dataclass(frozen=True)
+class DiagnosticsConfig:
+    """Which diagnostics to run and how much each may cost. Defaults are cheap enough to run on every candidate."""
+
+    hessian: bool = True
+    fourier: bool = True  # Fourier profile and feature-map variance (one forward pass)
+    noise: bool = False
+    lesion: bool = False
+    landscape: bool = False
+    trace: bool = False
+    hessian_batches: int = 2
+    hessian_batch_size: int = 64
+    hessian_k: int = 1
+    hessian_tol: float = 1e-3
+    augment: bool = True  # Hessian loss on the recipe's augmented training batches (paper: yes)
+    l2: bool = True  # add (wd/2)·‖θ‖² to the Hessian loss (paper: yes)
+    fourier_images: int = 64
+    noise_eps: float = 0.7
+    noise_half_width: float = 0.05
+    noise_images: int = 500
+    lesion_images: int = 500
+    landscape_grid: int = 7
+    landscape_batches: int = 1
+    trace_samples: int = 10
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                raise ConfigError(f"diagnostics.{f.name} must be >= 0, got {value}")
+        if self.hessian_k < 1 or self.hessian_batches < 1:
+            raise ConfigError("diagnostics.hessian_k and hessian_batches must be >= 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DiagnosticsConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown diagnostics key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: DiagnosticsConfig, device):
+    """Augmented training batches (+ Mixup/CutMix soft targets when the recipe mixes), or clean ones."""
+    if config.augment:
+        aug = replace(recipe, batch_size=config.hessian_batch_size, workers=0)
+        batches = make_train_batches(data, aug, device, config.seed, 0, 1)
+    else:
+        batches = TensorLoader(data.train, config.hessian_batch_size, mean=data.mean, std=data.std, device=device,
+                               shuffle=True, seed=config.seed)
+    mixup = None
+    if config.augment and recipe.uses_mixup:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
+                      label_smoothing=recipe.label_smoothing, num_classes=data.num_classes)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        if mixup is not None:
+            if len(x) % 2:
+                x, y = x[:-1], y[:-1]
+            x, y = mixup(x, y)
+        yield x, y
+
+
+def diagnose(
+    model: torch.nn.Module,
+    data: DataSplits,
+    recipe: Recipe,
+    config: DiagnosticsConfig = DiagnosticsConfig(),
+    out_dir: str | Path | None = None,
+    label: str = "model",
+) -> dict[str, Any]:
+    """Run the diagnostics ``config`` selects on a trained ``model``; returns (and writes) ``diagnostics.json``.
+
+    Summary keys a search records: ``lambda_max``, ``nep``, ``ape``, ``delta_high`` (per stage end).
+    """
+    device = next(model.parameters()).device
+    wd = recipe.weight_decay if config.l2 else 0.0
+    out: dict[str, Any] = {"settings": {**config.to_dict(), "weight_decay_in_loss": wd,
+                                        "mixup_in_loss": bool(config.augment and recipe.uses_mixup)},
+                           "timings": {}}
+    val_images = data.val if len(data.val) else data.test
+
+    if config.fourier:
+        t0 = time.perf_counter()
+        images = val_images.take(torch.arange(min(config.fourier_images, len(val_images))))
+        x, _ = next(iter(TensorLoader(images, len(images), mean=data.mean, std=data.std, device=device)))
+        records = feature_profile(model, x)
+        out["units"] = [r.to_dict() for r in records]
+        out["delta_high"] = stage_end_delta_high(records)
+        out["timings"]["fourier"] = time.perf_counter() - t0
+    if config.hessian:
+        t0 = time.perf_counter()
+        spectrum = hessian_spectrum(model, _hessian_batches(model, data, recipe, config, device),
+                                    n_batches=config.hessian_batches, k=config.hessian_k, weight_decay=wd,
+                                    tol=config.hessian_tol)
+        out["hessian"] = spectrum.to_dict()
+        out.update(lambda_max=spectrum.lambda_max, nep=spectrum.nep, ape=spectrum.ape)
+        out["timings"]["hessian"] = time.perf_counter() - t0
+    if config.trace:
+        x, y = next(_hessian_batches(model, data, recipe, config, device))
+        out["hessian_trace"] = hutchinson_trace(model, x, y, config.trace_samples, wd, config.seed)
+    eval_loader = TensorLoader(val_images.take(torch.arange(min(max(config.noise_images, config.lesion_images),
+                                                                len(val_images)))),
+                               256, mean=data.mean, std=data.std, device=device)
+    if config.noise:
+        t0 = time.perf_counter()
+        out["noise"] = noise_robustness(model, eval_loader, eps=config.noise_eps,
+                                        half_width=config.noise_half_width, seed=config.seed)
+        out["timings"]["noise"] = time.perf_counter() - t0
+    if config.lesion:
+        out["lesion"] = lesion_study(model, eval_loader)
+    if config.landscape:
+        batches = [b for _, b in zip(range(config.landscape_batches),
+                                     _hessian_batches(model, data, recipe, config, device))]
+        out["landscape"] = loss_landscape(model, batches, grid=config.landscape_grid, weight_decay=wd or 0.05,
+                                          seed=config.seed)
+
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "diagnostics.json").write_text(json.dumps(_finite(out), indent=1))
+        write_figures(out_dir / "diagnostics.html", {label: out}, title=f"Diagnostics: {label}")
+    return out
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def diagnostic_figures(results: dict[str, dict]) -> list:
+    """Every figure the results allow, comparing the labelled models side by side."""
+    figs = []
+    with_units = {k: v["units"] for k, v in results.items() if v.get("units")}
+    if with_units:
+        figs += [figures.fourier_figure(with_units), figures.variance_figure(with_units)]
+    spectra = {k: v["hessian"]["eigenvalues"] for k, v in results.items() if v.get("hessian")}
+    if spectra:
+        figs.append(figures.hessian_figure(spectra))
+    noise = {k: v["noise"] for k, v in results.items() if v.get("noise")}
+    if noise:
+        figs.append(figures.noise_figure(noise))
+    for v in results.values():
+        if v.get("lesion"):
+            figs.append(figures.lesion_figure(v["lesion"]))
+        if v.get("landscape"):
+            figs.append(figures.landscape_figure(v["landscape"]))
+    return figs
+
+
+def write_figures(path: Path, results: dict[str, dict], title: str) -> Path:
+    rows = "".join(
+        f"<tr><td>{k}</td><td>{v.get('lambda_max', float('nan')):.4g}</td><td>{v.get('nep', float('nan')):.3f}</td>"
+        f"<td>{v.get('ape', float('nan')):.4g}</td>"
+        f"<td>{', '.join(f'{s}: {d:.2f}' for s, d in v.get('delta_high', {}).items())}</td></tr>"
+        for k, v in results.items()
+    )
+    table = ("<h2>Summary</h2><table><tr><th>model</th><th>λ_max (median)</th><th>NEP</th><th>APE</th>"
+             f"<th>Δ log amplitude at 1.0π, stage ends</th></tr>{rows}</table>")
+    return figures.write_html(path, title, diagnostic_figures(results), tables_html=table)

@@ -1,0 +1,214 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from alternas.data import DataConfig, load_data
+from alternas.diagnostics import DiagnosticsConfig, diagnose, fourier_profile, hessian_eigenvalues, hutchinson_trace
+from alternas.diagnostics.hessian import HessianOperator, hessian_spectrum, twice_differentiable
+from alternas.diagnostics.landscape import loss_landscape
+from alternas.diagnostics.robustness import band_limited_noise, band_mask, lesion_study
+from alternas.models import Base, BlockInfo, build_model, register_base
+from alternas.models.blocks import WindowAttention
+from alternas.train import get_recipe
+from alternas.train.run import model_for
+
+MICRO = Base("micro-test", "basic", (1, 1, 1, 1), widths=(3, 3, 3, 3), heads=(1, 1, 1, 1), dim_head=2,
+             stem_width=3, description="a few hundred parameters: small enough for a dense Hessian")
+register_base(MICRO, overwrite=True)
+
+
+def _micro_problem():
+    torch.manual_seed(0)
+    model = build_model("CM,C,C,C", MICRO, num_classes=3, image_size=8, window_size=2, drop_path=0.0).double()
+    with torch.no_grad():  # non-trivial BN statistics, so eval-mode BN is not the identity
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    return model, x, y
+
+
+def _dense_hessian(model, x, y, weight_decay):
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach() for p in model.parameters()]
+    buffers = dict(model.named_buffers())
+    flat0 = torch.cat([p.reshape(-1) for p in params])
+
+    def loss(flat):
+        chunks = flat.split([p.numel() for p in params])
+        state = {n: c.view_as(p) for n, c, p in zip(names, chunks, params)}
+        logits = functional_call(model, {**state, **buffers}, (x,))
+        return nn.functional.cross_entropy(logits, y) + 0.5 * weight_decay * flat.pow(2).sum()
+
+    model.eval()
+    model.set_fused_attention(False)
+    dense = torch.autograd.functional.hessian(loss, flat0)
+    model.set_fused_attention(True)
+    return torch.linalg.eigvalsh(dense)
+
+
+def test_lanczos_matches_the_dense_hessian_spectrum() -> None:
+    model, x, y = _micro_problem()
+    assert sum(p.numel() for p in model.parameters()) < 1000
+    dense = _dense_hessian(model, x, y, weight_decay=0.05)
+    top = hessian_eigenvalues(model, x, y, k=2, which="LA", weight_decay=0.05, tol=1e-8)
+    bottom = hessian_eigenvalues(model, x, y, k=2, which="SA", weight_decay=0.05, tol=1e-8)
+    assert top == pytest.approx(dense[-2:].flip(0).tolist(), rel=1e-4)
+    assert bottom == pytest.approx(dense[:2].tolist(), rel=1e-4)
+    assert bottom[0] < 0 < top[0]  # an untrained net has negative curvature too
+    magnitude = hessian_eigenvalues(model, x, y, k=3, which="LM", weight_decay=0.05, tol=1e-8)
+    expected = sorted(dense.tolist(), key=abs, reverse=True)[:3]
+    assert magnitude == pytest.approx(expected, rel=1e-4)
+
+
+def test_forward_over_reverse_hvp_equals_double_backward() -> None:
+    model, x, y = _micro_problem()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    with twice_differentiable(model):
+        a = HessianOperator(model, x, y, 0.05, "reverse").hvp(v)
+        b = HessianOperator(model, x, y, 0.05, "forward").hvp(v)
+    assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
+    assert all(m.fused for m in model.modules() if isinstance(m, WindowAttention))  # restored afterwards
+
+
+def test_hutchinson_trace_estimates_the_dense_trace() -> None:
+    model, x, y = _micro_problem()
+    dense = _dense_hessian(model, x, y, weight_decay=0.0).sum().item()
+    estimate = hutchinson_trace(model, x, y, samples=300)
+    assert estimate == pytest.approx(dense, rel=0.25)
+
+
+def test_spectrum_summary_statistics() -> None:
+    model, x, y = _micro_problem()
+    spec = hessian_spectrum(model, [(x, y), (x[:4], y[:4])], n_batches=2, k=3, tol=1e-8)
+    assert spec.batches == 2 and len(spec.eigenvalues) == 6
+    negatives = [v for v in spec.eigenvalues if v < 0]
+    assert spec.nep == pytest.approx(len(negatives) / 6)
+    positives = [v for v in spec.eigenvalues if v > 0]
+    assert spec.ape == pytest.approx(sum(positives) / len(positives))
+    per_batch = [max(spec.eigenvalues[:3]), max(spec.eigenvalues[3:])]
+    assert spec.lambda_max == pytest.approx(sum(per_batch) / 2)
+
+
+class _ToyUnits(nn.Module):
+    """stem (identity) -> 3x3 box blur -> identity -> Laplacian, exposed like an AlterNet's units()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Identity()
+        self.blur = nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode="circular")
+        self.same = nn.Identity()
+        self.laplace = nn.Conv2d(1, 1, 3, padding=1, bias=False, padding_mode="circular")
+        with torch.no_grad():
+            self.blur.weight.fill_(1 / 9)
+            self.laplace.weight.copy_(torch.tensor([[0.0, -1, 0], [-1, 4, -1], [0, -1, 0]]).view(1, 1, 3, 3))
+        self.infos = [BlockInfo(n, -1 if n == "stem" else 0, i, "stem" if n == "stem" else "conv", False, 1, 1, 16)
+                      for i, n in enumerate(["stem", "blur", "same", "laplace"])]
+
+    def units(self):
+        return zip(self.infos, [self.stem, self.blur, self.same, self.laplace])
+
+    def forward(self, x):
+        return self.laplace(self.same(self.blur(self.stem(x))))
+
+
+def test_fourier_profile_analytic_cases() -> None:
+    records = {r.name: r for r in fourier_profile(_ToyUnits(), torch.randn(16, 1, 16, 16))}
+    assert records["same"].delta_log_amplitude == pytest.approx(records["blur"].delta_log_amplitude, abs=1e-5)
+    assert records["blur"].delta_high < records["stem"].delta_high - 1.0  # low-pass
+    assert records["laplace"].delta_high > records["same"].delta_high + 1.0  # high-pass
+    assert [r.depth for r in records.values()] == pytest.approx([0, 1 / 3, 2 / 3, 1])
+    assert records["stem"].delta_log_amplitude[0] == 0.0 and len(records["stem"].frequencies) == 8
+
+
+def test_fourier_profile_is_the_papers_recipe_on_an_alternet() -> None:
+    model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    records = fourier_profile(model, x)
+    assert [r.kind for r in records].count("msa") == 3 and records[0].kind == "stem"
+    assert len(records) == 9  # stem + 8 blocks, no logits
+    with torch.no_grad():
+        z = model.stem(x)
+    spectrum = torch.log(torch.fft.fft2(z).abs() + 1e-6)
+    spectrum = torch.roll(spectrum, shifts=(16, 16), dims=(-2, -1)).mean(dim=(0, 1))
+    diag = torch.diagonal(spectrum)[16:]
+    assert records[0].delta_log_amplitude == pytest.approx((diag - diag[0]).tolist(), abs=1e-4)
+    assert records[0].variance == pytest.approx(z.var(dim=(-2, -1)).mean().item(), rel=1e-5)
+
+
+def test_band_limited_noise_stays_in_its_band() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.zeros(4, 3, 32, 32)
+    noisy = band_limited_noise(x, 0.5 * math.pi, 0.1 * math.pi, eps=0.7, gen=gen)
+    spectrum = torch.roll(torch.fft.fft2(noisy), shifts=(16, 16), dims=(-2, -1)).abs().pow(2)
+    mask = band_mask(32, 0.5 * math.pi, 0.1 * math.pi)  # squares of side 2·⌊0.6·16⌋=18 minus 2·⌊0.4·16⌋=12
+    assert mask.sum() == 18 * 18 - 12 * 12
+    # L∞ distance from the zero frequency; taking the real part mirrors the (asymmetric) square by one bin
+    idx = torch.arange(32) - 16
+    radius = torch.maximum(idx.abs().view(-1, 1), idx.abs().view(1, -1))
+    in_band = (radius >= 6) & (radius <= 9)
+    assert spectrum[..., ~in_band].sum() / spectrum.sum() < 1e-10
+    assert noisy.abs().max() > 0.01
+
+
+def test_lesion_skips_subsampling_blocks_and_measures_drops() -> None:
+    data = load_data(DataConfig("shapes", subset=200))
+    model = model_for("CC,CM,CM,CM", "tiny", data, get_recipe("fast"))
+    from alternas.data.loader import TensorLoader
+
+    rows = lesion_study(model, TensorLoader(data.val, 64, mean=data.mean, std=data.std))
+    assert [r["name"] for r in rows] == ["stages.0.0", "stages.0.1", "stages.1.1", "stages.2.1", "stages.3.1"]
+    assert [r["kind"] for r in rows].count("msa") == 3
+
+
+def test_landscape_centre_is_the_model_and_weights_are_restored() -> None:
+    model, x, y = _micro_problem()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    land = loss_landscape(model, [(x, y)], grid=3, weight_decay=0.05)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    centre = nn.functional.cross_entropy(model(x), y).item() + 0.05 * sum(p.norm().item() for p in model.parameters())
+    assert land["loss"][1][1] == pytest.approx(centre, rel=1e-6)
+    assert land["loss"][0][0] != pytest.approx(centre, rel=1e-3)
+
+
+def test_diagnose_writes_json_and_figures(tmp_path) -> None:
+    data = load_data(DataConfig("shapes", subset=300))
+    recipe = get_recipe("fast")
+    model = model_for("CC,CM,CM,CM", "tiny", data, recipe)
+    config = DiagnosticsConfig(hessian_batches=1, hessian_batch_size=16, noise=True, noise_images=100,
+                               lesion=True, lesion_images=100)
+    out = diagnose(model, data, recipe, config, out_dir=tmp_path, label="alter")
+    saved = json.loads((tmp_path / "diagnostics.json").read_text())
+    assert saved["settings"]["weight_decay_in_loss"] == 0.05 and saved["settings"]["augment"] is True
+    assert set(saved["delta_high"]) == {"c1", "c2", "c3", "c4"}
+    assert math.isfinite(out["lambda_max"]) and 0 <= out["nep"] <= 1
+    assert len(saved["noise"]["delta_acc"]) == 9
+    page = (tmp_path / "diagnostics.html").read_text()
+    assert page.count("class='figure'") == 5  # fourier, variance, hessian, noise, lesion
+    assert "Hessian max-eigenvalue spectrum" in page
+
+
+def test_diagnose_cli_runs_on_a_checkpoint_and_reports_errors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32)
+    save_file(model.state_dict(), tmp_path / "w.safetensors")
+    cmd = [sys.executable, "-m", "alternas", "diagnose", "--placement", "CC,CM,CM,CM", "--base", "tiny",
+           "--checkpoint", str(tmp_path / "w.safetensors"), "--data", "shapes", "--subset", "200", "--fourier",
+           "--json", "--out", str(tmp_path / "diag")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert set(summary["delta_high"]) == {"c1", "c2", "c3", "c4"} and "lambda_max" not in summary
+    bad = subprocess.run([sys.executable, "-m", "alternas", "diagnose", str(tmp_path / "nope")], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "is not a run folder" in bad.stderr
