@@ -67,9 +67,12 @@ def noise_robustness(
     clean = _accuracy(model, loader)
     deltas = []
     for f in frequencies:
-        gen = torch.Generator().manual_seed(seed)
-        acc = _accuracy(model, loader, lambda x, f=f: band_limited_noise(x, f * math.pi, half_width * math.pi, eps,
-                                                                           gen))
+        gen = torch.Generator().manual_seed(seed)  # the same noise draws for every band
+
+        def perturb(x: torch.Tensor, f: float = f, gen: torch.Generator = gen) -> torch.Tensor:
+            return band_limited_noise(x, f * math.pi, half_width * math.pi, eps, gen)
+
+        acc = _accuracy(model, loader, perturb)
         deltas.append(acc - clean)
     return {"clean_acc": clean, "frequencies": list(frequencies), "delta_acc": deltas, "eps": eps,
             "band_half_width": half_width}
