@@ -102,19 +102,34 @@ def arch(placement: str, base: str, num_classes: int, image_size: int, window_si
 @click.option("--placement", default=None, help="Placement to export (with --base etc.).")
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Trained weights (.safetensors, or a torch file loaded with weights_only=True).")
+@click.option("--study", "study_dir", type=click.Path(file_okay=False), default=None,
+              help="A study folder: export its chosen candidate (with --best) and trained weights.")
+@click.option("--best", is_flag=True, help="With --study: the build-up's final placement, best seed.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def export(base: str, num_classes: int, image_size: int, window_size: int | None, placement: str | None,
-           checkpoint: str | None, out_dir: str, force: bool) -> None:
+           checkpoint: str | None, study_dir: str | None, best: bool, out_dir: str, force: bool) -> None:
     """Export an AlterNet (with weights) to a folder that timm.create_model('local-dir:OUT') loads."""
     from alternas.models import build_model
-    from alternas.models.timm_hub import export_to_timm, load_weights
+    from alternas.models.timm_hub import export_to_timm, load_weights, model_from_run
 
-    if placement is None:
-        raise click.UsageError("give --placement (and --base, --num-classes, --image-size)")
-    model = build_model(placement, base, num_classes=num_classes, image_size=image_size, window_size=window_size)
-    if checkpoint:
-        load_weights(model, checkpoint)
+    if study_dir:
+        if not best:
+            raise click.UsageError("with --study, say which candidate: --best")
+        from alternas.search.selection import best_buildup_run
+
+        chosen = best_buildup_run(study_dir)
+        model = model_from_run(chosen.run_dir)
+        base = model.base.name
+        click.echo(f"{study_dir}: best placement {chosen.placement} (seed {chosen.seed}, val acc "
+                   f"{chosen.val_acc:.2f}%, test acc {chosen.test_acc:.2f}%)")
+    elif placement is None:
+        raise click.UsageError("give --placement (and --base, --num-classes, --image-size) or --study DIR --best")
+    else:
+        model = build_model(placement, base, num_classes=num_classes, image_size=image_size,
+                            window_size=window_size)
+        if checkpoint:
+            load_weights(model, checkpoint)
     out = export_to_timm(model.eval(), out_dir, force=force)
     click.echo(f"exported {model.placement} ({base}) to {out}; load it with "
                f"`import alternas, timm; timm.create_model('local-dir:{out}', pretrained=True)`")
@@ -291,6 +306,89 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
         for key, value in summary.items():
             click.echo(f"{key:>16}: {value}")
         click.echo(f"wrote {target}/diagnostics.json and {target}/diagnostics.html")
+
+
+@main.command()
+@click.option("--study", "study_file", type=click.Path(dir_okay=False), default=None,
+              help="Study YAML (e.g. studies/quickstart.yaml); flags below override it.")
+@click.option("--name", default=None, help="Study name (output defaults to studies/<name>).")
+@click.option("--base", default=None)
+@click.option("--data", "data_name", default=None)
+@click.option("--data-root", default=None)
+@click.option("--subset", type=float, default=None)
+@click.option("--recipe", "recipe_name", default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--seeds", default=None, help="Comma-separated seeds; decisions use the mean over them.")
+@click.option("--start", default=None, help="Placement to start from (default: the base's all-Conv net).")
+@click.option("--min-gain", type=click.FloatRange(min=0), default=None, help="Accuracy gain (pp) to accept an MSA.")
+@click.option("--patience", type=click.IntRange(min=0), default=None)
+@click.option("--max-candidates", type=click.IntRange(min=1), default=None)
+@click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
+@click.option("--out", "out_dir", default=None, help="Study folder (default studies/<name>).")
+@click.option("--device", default=None)
+@click.option("--quiet", is_flag=True, help="No per-epoch progress bars.")
+def buildup(study_file: str | None, name: str | None, base: str | None, data_name: str | None,
+            data_root: str | None, subset: float | None, recipe_name: str | None, epochs: int | None,
+            seeds: str | None, start: str | None, min_gain: float | None, patience: int | None,
+            max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, out_dir: str | None,
+            device: str | None, quiet: bool) -> None:
+    """Run (or resume) the automated build-up search; finished candidates are never retrained."""
+    from alternas.report import build_report
+    from alternas.search import run_buildup
+
+    config = _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds,
+                           out_dir, device, {"buildup.start": start, "buildup.min_gain": min_gain,
+                                             "buildup.patience": patience, "buildup.max_candidates": max_candidates,
+                                             "buildup.budget_hours": budget_hours, "buildup.warm_start": warm_start})
+    click.echo(f"study {config.name}: base {config.base}, data {config.data.name}, recipe {config.recipe.name} "
+               f"({config.recipe.total_epochs} epochs), seeds {list(config.seeds)} -> {config.output_dir}")
+    outcome = run_buildup(config, quiet=quiet, log=click.echo)
+    report = build_report(config.output_dir)
+    click.echo(f"best placement: {outcome.best} ({outcome.candidates_evaluated} placements, "
+               f"{outcome.candidate_epochs} candidate-epochs trained in this run, stopped: {outcome.stopped_by})")
+    click.echo(f"report: {report}")
+
+
+def _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds, out_dir, device,
+                  extra: dict[str, Any]):
+    """A study from its file (or defaults for --base/--data) with the command-line overrides applied."""
+    from alternas.search.study import load_study, study_from_dict, with_overrides
+
+    if study_file:
+        config = load_study(study_file)
+    else:
+        data = data_name or "shapes"
+        builtin = data in ("shapes", "textures")
+        config = study_from_dict({"name": name or f"{data.replace(':', '-').replace('/', '-')}-{base or 'resnet50'}",
+                                  "base": base or ("tiny" if builtin else "resnet50"),
+                                  "recipe": "fast" if builtin else "paper", "data": {"name": data}}, "command line")
+    if seeds is not None:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}",
+                                     param_hint="--seeds") from None
+    overrides = {"name": name, "base": base, "data.name": data_name, "data.root": data_root, "data.subset": subset,
+                 "recipe.name": recipe_name, "recipe.epochs": epochs, "seeds": seed_list if seeds else None,
+                 "output": out_dir, "device": device, **extra}
+    if recipe_name:  # a different preset replaces the recipe; its epochs etc. come from the preset
+        from dataclasses import replace
+
+        from alternas.train import get_recipe
+
+        config = with_overrides(config, {k: v for k, v in overrides.items() if not k.startswith("recipe.")})
+        return replace(config, recipe=get_recipe(recipe_name, {"epochs": epochs} if epochs else None))
+    return with_overrides(config, overrides)
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(file_okay=False))
+def report(study_dir: str) -> None:
+    """Write STUDY_DIR/report.html (works on a finished or a running study)."""
+    from alternas.report import build_report
+
+    click.echo(f"wrote {build_report(study_dir)}")
 
 
 if __name__ == "__main__":

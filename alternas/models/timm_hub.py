@@ -136,6 +136,20 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     model.load_state_dict(state)
 
 
+def model_from_run(run_dir: str | Path) -> AlterNet:
+    """Rebuild a trained model from a run folder (``config.yaml`` model arguments + ``model.safetensors``)."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    config_path, weights = run_dir / "config.yaml", run_dir / "model.safetensors"
+    if not config_path.is_file() or not weights.is_file():
+        raise ConfigError(f"{run_dir} is not a finished run (needs config.yaml and model.safetensors)")
+    args = dict(yaml.safe_load(config_path.read_text())["model"])
+    model = AlterNet(**args)
+    load_weights(model, weights)
+    return model.eval()
+
+
 def export_to_timm(model: AlterNet, out_dir: str | Path, *, force: bool = False) -> Path:
     """Write ``config.json`` + ``model.safetensors`` that ``timm.create_model("local-dir:OUT")`` loads."""
     out = Path(out_dir)

@@ -1,0 +1,208 @@
+"""The one candidate evaluator every search calls: build -> train -> evaluate -> diagnose -> cost.
+
+A candidate is keyed by a content hash of (canonical placement, base, window, data, recipe, seed, warm-start
+parent). Its folder ``candidates/<key>/`` holds the run and ``result.json``; a candidate with a result is never
+trained again, whichever search asks, and an interrupted one resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import traceback
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file
+
+from alternas.data.datasets import DataSplits, load_data
+from alternas.diagnostics.run import diagnose
+from alternas.models import count_flops, count_parameters
+from alternas.placement import Placement
+from alternas.search.study import StudyConfig, StudyFolder
+from alternas.train.fit import EpochCallback, fit, pick_device
+from alternas.train.recipe import Recipe
+from alternas.train.run import model_for, run_config
+
+FINAL_STATUSES = ("completed", "diverged", "failed")
+
+
+@dataclass
+class CandidateResult:
+    """One row of the results table."""
+
+    key: str
+    placement: str
+    num_msa: int
+    seed: int
+    base: str
+    epochs: int
+    subset: float | None
+    status: str  # completed | diverged | failed
+    val_acc: float | None = None
+    val_nll: float | None = None
+    val_ece: float | None = None
+    test_acc: float | None = None
+    lambda_max: float | None = None
+    nep: float | None = None
+    ape: float | None = None
+    delta_high: dict[str, float] = field(default_factory=dict)
+    params: int = 0
+    flops: int = 0
+    images_per_s: float = 0.0
+    wall_time: float = 0.0
+    epochs_trained: int = 0  # epochs this candidate actually trained (the cost a warm start saves)
+    parent: str | None = None  # key of the warm-start parent
+    run_dir: str = ""
+    error: str | None = None
+
+    def to_row(self) -> dict[str, Any]:
+        row = {k: v for k, v in asdict(self).items() if k != "delta_high"}
+        row.update({f"delta_high_{stage}": value for stage, value in self.delta_high.items()})
+        return row
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CandidateResult:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, seed: int,
+                  parent: str | None = None) -> str:
+    """Content hash of everything that determines a candidate's training outcome."""
+    data = asdict(config.data)
+    data.pop("root", None)  # where the files live does not change the result
+    payload = {"placement": str(placement), "base": config.base, "window_size": config.window_size, "data": data,
+               "recipe": recipe.to_dict(), "seed": seed, "parent": parent}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Evaluator:
+    """Evaluates placements for one study, caching results in its folder."""
+
+    def __init__(self, config: StudyConfig, folder: StudyFolder | None = None, quiet: bool = False) -> None:
+        self.config = config
+        self.folder = folder or StudyFolder(config.output_dir)
+        self.quiet = quiet
+        self._data: DataSplits | None = None
+
+    @property
+    def data(self) -> DataSplits:
+        if self._data is None:
+            self._data = load_data(self.config.data)
+        return self._data
+
+    def result_path(self, key: str) -> Path:
+        return self.folder.candidates / key / "result.json"
+
+    def cached(self, key: str) -> CandidateResult | None:
+        path = self.result_path(key)
+        if path.is_file():
+            result = CandidateResult.from_dict(json.loads(path.read_text()))
+            if result.status in FINAL_STATUSES:
+                return result
+        return None
+
+    def warm_recipe(self) -> Recipe:
+        b = self.config.buildup
+        epochs = b.warm_start_epochs or max(1, self.config.recipe.epochs // 2)
+        return replace(self.config.recipe, epochs=epochs, warmup_epochs=0)
+
+    def evaluate(
+        self,
+        placement: str | Placement,
+        seed: int,
+        *,
+        parent: CandidateResult | None = None,
+        epoch_callback: EpochCallback | None = None,
+    ) -> CandidateResult:
+        """Train and score ``placement`` with ``seed`` (or return the cached result).
+
+        With ``parent`` (a finished candidate), the model starts from the parent's weights except for blocks whose
+        type changed, and trains the shorter warm-start recipe.
+        """
+        cfg = self.config
+        placement = Placement.parse(placement)
+        recipe = self.warm_recipe() if parent else cfg.recipe
+        key = candidate_key(placement, cfg, recipe, seed, parent.key if parent else None)
+        hit = self.cached(key)
+        if hit is not None:
+            return hit
+        run_dir = self.folder.candidates / key
+        base = dict(key=key, placement=str(placement), num_msa=placement.num_msa, seed=seed, base=cfg.base,
+                    epochs=recipe.total_epochs, subset=cfg.data.subset, run_dir=str(run_dir),
+                    parent=parent.key if parent else None)
+        started = time.perf_counter()
+        try:
+            data = self.data
+            model = model_for(placement, cfg.base, data, recipe, cfg.window_size, seed=seed)
+            params, flops = count_parameters(model), count_flops(model)
+            init = self._inherited_weights(model, parent) if parent else None
+            run = fit(model, data, recipe, run_dir, seed=seed, device=cfg.device, resume=True, quiet=self.quiet,
+                      run_config=run_config(model, asdict(cfg.data)), epoch_callback=epoch_callback,
+                      init_weights=init)
+            result = CandidateResult(
+                **base, status=run.status, val_acc=run.val.get("acc"), val_nll=run.val.get("nll"),
+                val_ece=run.val.get("ece"), test_acc=run.test.get("acc"), params=params, flops=flops,
+                images_per_s=run.images_per_s, wall_time=run.wall_time, epochs_trained=run.epochs_completed,
+                error=run.error,
+            )
+            if run.status == "completed" and (cfg.diagnostics.hessian or cfg.diagnostics.fourier):
+                t0 = time.perf_counter()
+                model.to(pick_device(cfg.device))
+                diag = diagnose(model, data, recipe, cfg.diagnostics, out_dir=run_dir / "diagnostics",
+                                label=str(placement))
+                result.lambda_max, result.nep, result.ape = diag.get("lambda_max"), diag.get("nep"), diag.get("ape")
+                result.delta_high = diag.get("delta_high", {})
+                result.wall_time += time.perf_counter() - t0
+        except KeyboardInterrupt:
+            raise
+        except Exception as err:  # a crashed candidate is a result too: the search goes on
+            if type(err).__name__ == "TrialPruned":
+                raise
+            result = CandidateResult(**base, status="failed", wall_time=time.perf_counter() - started,
+                                     error=f"{type(err).__name__}: {err}")
+            (run_dir).mkdir(parents=True, exist_ok=True)
+            (run_dir / "error.log").write_text(traceback.format_exc())
+        self._write_result(result)
+        return result
+
+    def _inherited_weights(self, model: torch.nn.Module, parent: CandidateResult) -> dict[str, torch.Tensor]:
+        """The parent's trained tensors for every block whose type did not change (same name and shape)."""
+        parent_weights = load_file(str(Path(parent.run_dir) / "model.safetensors"))
+        old, new = Placement.parse(parent.placement), Placement.parse(str(model.placement))
+        changed = {f"stages.{s}.{i}." for s, stage in enumerate(new.stages) for i, letter in enumerate(stage)
+                   if s >= old.num_stages or i >= len(old.stages[s]) or old.stages[s][i] != letter}
+        own = model.state_dict()
+        return {k: v for k, v in parent_weights.items()
+                if k in own and own[k].shape == v.shape and not any(k.startswith(c) for c in changed)}
+
+    def _write_result(self, result: CandidateResult) -> None:
+        path = self.result_path(result.key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".result.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(result), indent=1))
+        os.replace(tmp, path)
+        self.write_table()
+
+    def all_results(self) -> list[CandidateResult]:
+        if not self.folder.candidates.is_dir():
+            return []
+        out = []
+        for path in sorted(self.folder.candidates.glob("*/result.json")):
+            out.append(CandidateResult.from_dict(json.loads(path.read_text())))
+        return out
+
+    def write_table(self) -> Path:
+        """``results.csv``: one row per candidate (derived from the per-candidate files, so never corrupt)."""
+        rows = [r.to_row() for r in self.all_results()]
+        path = self.folder.root / "results.csv"
+        tmp = path.with_name(f".results.{os.getpid()}.tmp")
+        pd.DataFrame(rows).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+        return path

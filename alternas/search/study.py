@@ -1,0 +1,234 @@
+"""Studies: the YAML file that defines a search, and the folder it writes.
+
+A study file has sections ``data``, ``recipe``, ``diagnostics``, ``buildup`` and ``optuna`` plus top-level keys.
+Every key is validated (an unknown one is named with its path); CLI flags override file values. The output folder
+(default ``studies/<name>/``) holds one sub-folder per candidate, ``results.csv``, the trajectory and the report.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alternas.data.datasets import DataConfig
+from alternas.diagnostics.run import DiagnosticsConfig
+from alternas.errors import AlternasError, ConfigError, StudyLockedError
+from alternas.models.bases import get_base
+from alternas.placement import Placement
+from alternas.train.recipe import Recipe, get_recipe
+
+
+@dataclass(frozen=True)
+class BuildupConfig:
+    """Settings of the build-up search (PAPER.md §3)."""
+
+    start: str | None = None  # placement to start from; default: the base's all-Conv net
+    min_gain: float = 0.1  # accept an MSA only if mean val accuracy (over seeds) improves by more (pp)
+    patience: int = 0  # after a reject, keep adding MSAs in the same stage on the rejected net this many times
+    max_candidates: int = 50  # placements evaluated, the start included
+    budget_hours: float | None = None  # stop once candidates have used this much wall time
+    warm_start: bool = False  # children inherit their parent's weights and train warm_start_epochs
+    warm_start_epochs: int | None = None  # default: half the recipe's epochs, no warmup
+
+
+@dataclass(frozen=True)
+class OptunaConfig:
+    """Settings of the Optuna search over placements."""
+
+    trials: int = 50
+    space: str | None = None  # search space YAML; default search_spaces/<base>.yaml
+    sampler: str = "tpe"
+    pruner: str = "hyperband"
+    objectives: tuple[str, ...] = ("acc",)
+    storage: str | None = None  # default: a journal file in the study folder
+    study_name: str | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    base: str = "resnet50"
+    window_size: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    device: str | None = None
+    output: str | None = None  # default studies/<name>
+    data: DataConfig = field(default_factory=DataConfig)
+    recipe: Recipe = field(default_factory=Recipe)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
+    buildup: BuildupConfig = field(default_factory=BuildupConfig)
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
+
+    def __post_init__(self) -> None:
+        get_base(self.base)  # unknown base -> ConfigError naming the choices
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed")
+        if self.buildup.start is not None:
+            Placement.parse(self.buildup.start)
+        if self.buildup.min_gain < 0 or self.buildup.patience < 0 or self.buildup.max_candidates < 1:
+            raise ConfigError("buildup: min_gain and patience must be >= 0 and max_candidates >= 1")
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output) if self.output else Path("studies") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["recipe"] = self.recipe.to_dict()
+        out["seeds"] = list(self.seeds)
+        out["optuna"]["objectives"] = list(self.optuna.objectives)
+        return out
+
+
+_SECTIONS = {"data": DataConfig, "diagnostics": DiagnosticsConfig, "buildup": BuildupConfig, "optuna": OptunaConfig}
+
+
+def _build_section(cls: type, values: Any, where: str) -> Any:
+    if values is None:
+        return cls()
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: '{cls.__name__}' section must be a mapping, got {type(values).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
+    """Validate a study mapping (from YAML); errors name the file and the key."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a study file must be a YAML mapping")
+    known = {f.name for f in fields(StudyConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{source}: {key}"
+        try:
+            if key in _SECTIONS:
+                kwargs[key] = _build_section(_SECTIONS[key], value, where)
+            elif key == "recipe":
+                if isinstance(value, str):
+                    kwargs[key] = get_recipe(value)
+                elif isinstance(value, dict):
+                    spec = dict(value)
+                    kwargs[key] = get_recipe(spec.pop("name", "fast"), spec)
+                else:
+                    raise ConfigError("give a preset name or a mapping with 'name' and overrides")
+            elif key == "seeds":
+                seeds = value if isinstance(value, list) else [value]
+                if not all(isinstance(s, int) for s in seeds):
+                    raise ConfigError("seeds must be whole numbers")
+                kwargs[key] = tuple(seeds)
+            else:
+                kwargs[key] = value
+        except AlternasError as err:
+            message = str(err)
+            raise ConfigError(message if message.startswith(source) else f"{where}: {message}") from None
+    try:
+        return StudyConfig(**kwargs)
+    except AlternasError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_study(path: str | os.PathLike) -> StudyConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return study_from_dict(raw or {}, str(path))
+
+
+def with_overrides(config: StudyConfig, overrides: dict[str, Any]) -> StudyConfig:
+    """Apply dotted overrides (``"buildup.patience": 1``, ``"recipe.epochs": 3``) on top of a study."""
+    data = config.to_dict()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = list(value) if isinstance(value, tuple) else value
+    recipe = dict(data["recipe"])
+    data["recipe"] = {"name": recipe.pop("name"), **recipe}
+    return study_from_dict(data, "command line")
+
+
+def dataclass_dict(obj: Any) -> Any:
+    return asdict(obj) if is_dataclass(obj) else obj
+
+
+class StudyFolder:
+    """The on-disk state of a study: a lock, per-candidate folders and results, derived tables."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.candidates = self.root / "candidates"
+        self._lock_handle: Any = None
+
+    # -- lock ----------------------------------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Exclusive lock for a build-up run; released by the OS if the process dies (even kill -9)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 (held for the process's lifetime)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "?"
+            handle.close()
+            raise StudyLockedError(
+                f"study folder {self.root} is in use by another alternas process (pid {owner}); wait for it to "
+                "finish, stop it, or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+
+    def unlock(self) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # -- files ---------------------------------------------------------------------------------------------------
+    def write_json(self, name: str, payload: Any) -> Path:
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / name
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload, indent=1, default=dataclass_dict))
+        os.replace(tmp, path)
+        return path
+
+    def read_json(self, name: str) -> Any | None:
+        path = self.root / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_config(self, config: StudyConfig) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "study.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def load_config(self) -> StudyConfig:
+        path = self.root / "study.yaml"
+        if not path.is_file():
+            raise ConfigError(f"{self.root} is not a study folder (no study.yaml); run `alternas buildup` first")
+        return load_study(path)
+

@@ -1,0 +1,223 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+import alternas  # noqa: F401
+from alternas.errors import ConfigError, StudyLockedError
+from alternas.placement import Placement
+from alternas.search import BuildupPolicy, Evaluator, StudyFolder, load_study, run_buildup, study_from_dict
+
+PAPER_CIFAR100 = {  # PAPER.md §3.3, in the order the authors evaluated them
+    "CCC,CCCC,CCCCCC,CCCC": (82.48, "start"),
+    "CCC,CCCC,CCCCCC,CCCM": (83.45, "accept"),
+    "CCC,CCCC,CCCCCC,CMCM": (83.66, "accept"),
+    "CCC,CCCC,CCCCCM,CMCM": (83.77, "accept"),
+    "CCC,CCCC,CCCMCM,CMCM": (83.52, "reject"),
+    "CCC,CCCC,CMCMCM,CMCM": (83.19, "reject"),
+    "CCC,CCCM,CCCCCM,CMCM": (84.02, "accept"),
+    "CCC,CMCM,CCCCCM,CMCM": (83.39, "reject"),
+    "CCM,CCCM,CCCCCM,CMCM": (83.80, "reject"),
+}
+
+
+def test_policy_reproduces_the_papers_build_up() -> None:
+    policy = BuildupPolicy(Placement.all_conv((3, 4, 6, 4)), min_gain=0.0, patience=1)
+    proposed = []
+    while (candidate := policy.propose()) is not None:
+        proposed.append(str(candidate))
+        policy.observe(PAPER_CIFAR100[str(candidate)][0])
+    assert proposed == list(PAPER_CIFAR100)
+    assert [s.decision for s in policy.steps] == [d for _, d in PAPER_CIFAR100.values()]
+    assert str(policy.best) == "CCC,CCCM,CCCCCM,CMCM"
+    assert [s.stage for s in policy.steps] == [None, 4, 4, 3, 3, 3, 2, 2, 1]
+    assert policy.steps[5].parent == "CCC,CCCC,CCCMCM,CMCM"  # patience stacks on the rejected candidate
+    assert policy.steps[6].parent == "CCC,CCCC,CCCCCM,CMCM"  # the next stage starts from the best
+
+
+def test_policy_without_patience_leaves_a_stage_at_the_first_reject() -> None:
+    policy = BuildupPolicy(Placement.all_conv((3, 4, 6, 4)), min_gain=0.0, patience=0)
+    proposed = []
+    while (candidate := policy.propose()) is not None:
+        proposed.append(str(candidate))
+        policy.observe(PAPER_CIFAR100.get(str(candidate), (0.0,))[0])
+    assert "CCC,CCCC,CMCMCM,CMCM" not in proposed and "CCC,CCCM,CCCCCM,CMCM" in proposed
+
+
+def test_policy_min_gain_and_failures_count_as_no_gain() -> None:
+    policy = BuildupPolicy(Placement.parse("CC,CC"), min_gain=1.0)
+    assert str(policy.propose()) == "CC,CC"
+    policy.observe(50.0)
+    assert str(policy.propose()) == "CC,CM"
+    assert policy.observe(50.9).decision == "reject"  # +0.9 is not more than min_gain
+    assert str(policy.propose()) == "CM,CC"
+    assert policy.observe(None).decision == "reject"  # failed / diverged
+    assert policy.propose() is None and str(policy.best) == "CC,CC"
+
+
+def test_policy_skips_stages_without_a_valid_position() -> None:
+    policy = BuildupPolicy(Placement.parse("CC,C,CCC"), min_gain=0.0)
+    policy.observe(10.0)
+    seen = []
+    while (candidate := policy.propose()) is not None:
+        seen.append(str(candidate))
+        policy.observe(5.0)
+    assert seen == ["CC,C,CCM", "CM,C,CCC"]  # stage 2 (one strided block) has no position
+
+
+def _study(tmp_path: Path, **overrides) -> dict:
+    raw = {
+        "name": "t", "base": "tiny", "seeds": [0], "output": str(tmp_path / "study"),
+        "data": {"name": "shapes", "subset": 300, "val_fraction": 0.2},
+        "recipe": {"name": "fast", "epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+        "diagnostics": {"hessian": True, "hessian_batches": 1, "hessian_batch_size": 8, "fourier_images": 16},
+        "buildup": {"min_gain": 0.0, "max_candidates": 3},
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            raw[key] = {**raw.get(key, {}), **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"buildup": {"patiense": 1}}, "buildup: unknown key 'patiense'"),
+        ({"recipe": {"name": "fast", "lr": -1}}, "lr must be > 0"),
+        ({"base": "resnet9"}, "unknown base 'resnet9'"),
+        ({"buildup": {"start": "CX,CC,CC,CC"}}, "unknown block letter 'X'"),
+        ({"seeds": ["a"]}, "seeds must be whole numbers"),
+    ],
+)
+def test_study_file_errors_name_the_key(tmp_path, change: dict, fragment: str) -> None:
+    raw = _study(tmp_path)
+    raw.update(change)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")) as err:
+        load_study(path)
+    assert str(path) in str(err.value)
+    res = subprocess.run([sys.executable, "-m", "alternas", "buildup", "--study", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and fragment in res.stderr and "Traceback" not in res.stderr
+
+
+def test_shipped_study_files_are_valid() -> None:
+    root = Path(__file__).resolve().parents[1] / "studies"
+    quick = load_study(root / "quickstart.yaml")
+    assert quick.base == "tiny" and quick.data.name == "shapes"
+    paper = load_study(root / "cifar100-resnet50.yaml")
+    assert paper.recipe.name == "paper" and paper.buildup.patience == 1 and paper.base == "resnet50"
+
+
+def test_evaluator_caches_by_content_and_records_failures(tmp_path) -> None:
+    config = study_from_dict(_study(tmp_path))
+    evaluator = Evaluator(config, quiet=True)
+    first = evaluator.evaluate("CC,CC,CC,CM", seed=0)
+    assert first.status == "completed" and first.val_acc is not None and first.lambda_max is not None
+    assert set(first.delta_high) == {"c1", "c2", "c3", "c4"} and first.params > 0 and first.flops > 0
+    stamp = (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns
+    again = Evaluator(config, quiet=True).evaluate("cc,cc,cc,cm", seed=0)  # a new evaluator: read from disk
+    assert again == first
+    assert (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns == stamp
+    other_seed = evaluator.evaluate("CC,CC,CC,CM", seed=1)
+    assert other_seed.key != first.key
+    broken = Evaluator(study_from_dict(_study(tmp_path, window_size=3)), quiet=True).evaluate("CC,CC,CC,CM", 0)
+    assert broken.status == "failed" and "not tiled by 3x3" in broken.error
+    table = (Path(config.output_dir) / "results.csv").read_text().splitlines()
+    assert len(table) == 4 and "delta_high_c4" in table[0]
+
+
+def test_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path) -> None:
+    config = study_from_dict(_study(tmp_path, recipe={"name": "fast", "epochs": 1, "warmup_epochs": 0,
+                                                      "lr": 1e30, "clip_grad": None}))
+    outcome = run_buildup(config, quiet=True, log=lambda _: None)
+    assert outcome.candidates_evaluated == 3 and outcome.stopped_by == "max_candidates"
+    statuses = {r.status for r in Evaluator(config).all_results()}
+    assert statuses == {"diverged"}
+    assert [s.decision for s in outcome.steps] == ["start", "reject", "reject"]
+
+
+def test_second_process_on_the_same_study_is_refused(tmp_path) -> None:
+    folder = StudyFolder(tmp_path / "study")
+    folder.lock()
+    try:
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(_study(tmp_path)))
+        res = subprocess.run([sys.executable, "-m", "alternas", "buildup", "--study", str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and "is in use by another alternas process" in res.stderr
+        with pytest.raises(StudyLockedError):
+            StudyFolder(tmp_path / "study").lock()
+    finally:
+        folder.unlock()
+
+
+def test_resume_after_kill_reuses_finished_candidates_and_the_interrupted_epochs(tmp_path) -> None:
+    raw = _study(tmp_path, data={"subset": 1200}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
+                 buildup={"max_candidates": 3})
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    candidates = tmp_path / "study" / "candidates"
+    deadline = time.time() + 300
+    victim = None
+    while time.time() < deadline and victim is None:
+        finished = list(candidates.glob("*/result.json"))
+        for state in candidates.glob("*/checkpoint/state.pt"):
+            if finished and not (state.parent.parent / "result.json").exists():
+                victim = state.parent.parent
+        time.sleep(0.2)
+    assert victim is not None, "the search never reached a second candidate's first checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p: p.stat().st_mtime_ns for p in candidates.glob("*/result.json")}
+    epochs_before = json.loads((victim / "metrics.json").read_text())["history"]
+    assert 1 <= len(epochs_before) < 4
+
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # never retrained
+    history = json.loads((victim / "metrics.json").read_text())["history"]
+    assert len(history) == 4 and history[: len(epochs_before)] == epochs_before  # resumed, not restarted
+    trajectory = json.loads((tmp_path / "study" / "trajectory.json").read_text())
+    assert len(trajectory["steps"]) == 3
+
+
+def test_report_and_export_of_the_best_candidate(tmp_path) -> None:
+    config = study_from_dict(_study(tmp_path, seeds=[0, 1]))
+    outcome = run_buildup(config, quiet=True, log=lambda _: None)
+    root = Path(config.output_dir)
+    res = subprocess.run([sys.executable, "-m", "alternas", "report", str(root)], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    page = (root / "report.html").read_text()
+    assert "Build-up trajectory" in page and "Chosen architecture" in page and "Fourier analysis" in page
+    assert "Hessian max-eigenvalue spectrum" in page
+    results = Evaluator(config).all_results()
+    assert len(results) == 6 and all(r.key in page for r in results)  # 3 placements x 2 seeds in the table
+    out = tmp_path / "exported"
+    res = subprocess.run([sys.executable, "-m", "alternas", "export", "--study", str(root), "--best", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert str(model.placement) == outcome.best
+    from alternas.models.timm_hub import model_from_run
+    from alternas.search.selection import best_buildup_run
+
+    source = model_from_run(best_buildup_run(root).run_dir)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), source(x), atol=1e-6)
