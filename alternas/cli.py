@@ -383,12 +383,73 @@ def _study_config(study_file, name, base, data_name, data_root, subset, recipe_n
 
 
 @main.command()
+@click.option("--study", "study_file", type=click.Path(dir_okay=False), default=None,
+              help="Study YAML; default: the paper's setting (resnet50 on cifar100).")
+@click.option("--trials", type=click.IntRange(min=1), default=None, help="Total trials of the study, all workers.")
+@click.option("--space", type=click.Path(dir_okay=False), default=None,
+              help="Search space YAML (default search_spaces/<base>.yaml).")
+@click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random", "grid"]), default=None)
+@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None)
+@click.option("--objectives", default=None, help="Comma-separated, e.g. acc,lambda_max,params (directions inferred).")
+@click.option("--storage", default=None, help="Optuna storage URL (default: $ALTERNAS_STORAGE, else a journal file "
+              "in the study folder).")
+@click.option("--study-name", default=None, help="Name of the Optuna study inside the storage.")
+@click.option("--seed", type=int, default=None, help="Sampler seed.")
+@click.option("--name", default=None)
+@click.option("--base", default=None)
+@click.option("--data", "data_name", default=None)
+@click.option("--data-root", default=None)
+@click.option("--subset", type=float, default=None)
+@click.option("--recipe", "recipe_name", default=None)
+@click.option("--epochs", type=click.IntRange(min=1), default=None)
+@click.option("--seeds", default=None)
+@click.option("--out", "out_dir", default=None)
+@click.option("--device", default=None)
+@click.option("--quiet", is_flag=True)
+def optuna(study_file: str | None, trials: int | None, space: str | None, sampler: str | None, pruner: str | None,
+           objectives: str | None, storage: str | None, study_name: str | None, seed: int | None, name: str | None,
+           base: str | None, data_name: str | None, data_root: str | None, subset: float | None,
+           recipe_name: str | None, epochs: int | None, seeds: str | None, out_dir: str | None, device: str | None,
+           quiet: bool) -> None:
+    """Optuna search over placements; run the same command on many machines with one --storage to share a study."""
+    from alternas.report import build_report
+    from alternas.search.optuna_search import redact, run_optuna
+
+    if study_file is None and not (base or data_name):
+        base, data_name = "resnet50", "cifar100"
+    config = _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds,
+                           out_dir, device, {
+                               "optuna.trials": trials, "optuna.space": space, "optuna.sampler": sampler,
+                               "optuna.pruner": pruner, "optuna.study_name": study_name, "optuna.seed": seed,
+                               "optuna.storage": storage,
+                               "optuna.objectives": [o.strip() for o in objectives.split(",")] if objectives
+                               else None})
+    oc = config.optuna
+    where = redact(oc.storage) if oc.storage else "the journal file in the study folder"
+    click.echo(f"optuna study {oc.study_name or config.name}: {oc.trials} trials in total, sampler {oc.sampler}, "
+               f"objectives {list(oc.objectives)}, storage {where} -> {config.output_dir}")
+    study = run_optuna(config, quiet=quiet, log=click.echo)
+    states = [t.state.name for t in study.trials]
+    click.echo(f"trials: {len(states)} ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
+               f"{states.count('FAIL')} failed)")
+    if len(oc.objectives) == 1 and states.count("COMPLETE"):
+        best = study.best_trial
+        click.echo(f"best: trial {best.number} {best.user_attrs.get('placement')} on {best.user_attrs.get('base')}, "
+                   f"{oc.objectives[0]} {best.value:.4g}")
+    elif states.count("COMPLETE"):
+        click.echo(f"Pareto front: {len(study.best_trials)} trials: "
+                   + "; ".join(f"#{t.number} {t.user_attrs.get('placement')}" for t in study.best_trials))
+    click.echo(f"report: {build_report(config.output_dir, storage=oc.storage)}")
+
+
+@main.command()
 @click.argument("study_dir", type=click.Path(file_okay=False))
-def report(study_dir: str) -> None:
+@click.option("--storage", default=None, help="Optuna storage URL, when the study's trials are not in the folder.")
+def report(study_dir: str, storage: str | None) -> None:
     """Write STUDY_DIR/report.html (works on a finished or a running study)."""
     from alternas.report import build_report
 
-    click.echo(f"wrote {build_report(study_dir)}")
+    click.echo(f"wrote {build_report(study_dir, storage=storage)}")
 
 
 if __name__ == "__main__":

@@ -129,18 +129,23 @@ def hessian_eigenvalues(
     maxiter: int | None = None,
     method: HvpMethod = "reverse",
     seed: int = 0,
+    max_matvecs: int | None = None,
 ) -> list[float]:
     """The ``k`` extreme Hessian eigenvalues of the loss on one batch, by Lanczos (``which`` as in ``eigsh``).
 
     "LA": largest algebraic (sorted descending); "SA": smallest, i.e. most negative (ascending); "LM": largest
     magnitude (descending by |λ|), what the power iteration of PyHessian — and so the paper — returns.
-    ``tol`` is eigsh's relative accuracy. Non-converged values are returned as far as they got.
+    ``tol`` is eigsh's relative accuracy. ``max_matvecs`` bounds the cost (Hessian-vector products, roughly):
+    when it runs out, only the eigenvalues that converged are returned (possibly none).
     """
     with twice_differentiable(model):
         op = HessianOperator(model, inputs, targets, weight_decay, method)
         start = np.random.default_rng(seed).standard_normal(op.size)
+        ncv = min(op.size - 1, max(2 * k + 1, 20))
+        if max_matvecs is not None:
+            maxiter = max(1, max_matvecs // ncv)
         try:
-            values = eigsh(op.as_linear_operator(), k=k, which=which, tol=tol, maxiter=maxiter, v0=start,
+            values = eigsh(op.as_linear_operator(), k=k, which=which, tol=tol, maxiter=maxiter, ncv=ncv, v0=start,
                            return_eigenvectors=False)
         except ArpackNoConvergence as err:
             values = err.eigenvalues
@@ -181,6 +186,7 @@ class SpectrumSummary:
     ape: float  # average of the positive eigenvalues
     batches: int
     k: int
+    unconverged: int = 0
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -194,21 +200,27 @@ def hessian_spectrum(
     weight_decay: float = 0.0,
     tol: float = 1e-3,
     device: torch.device | None = None,
+    max_matvecs: int | None = 60,
 ) -> SpectrumSummary:
     """Top-``k`` largest-magnitude eigenvalues per mini-batch over ``n_batches`` batches (the author's loop over the
-    augmented training loader), with median λ_max, NEP and APE."""
+    augmented training loader), with median λ_max, NEP and APE. A batch whose eigenvalues do not converge within
+    ``max_matvecs`` contributes none (``unconverged`` counts them)."""
     values: list[float] = []
     per_batch_max: list[float] = []
-    used = 0
+    used = unconverged = 0
     for i, (x, y) in enumerate(batches):
         if i >= n_batches:
             break
         if device is not None:
             x, y = x.to(device), y.to(device)
-        top = hessian_eigenvalues(model, x, y, k=k, which="LM", weight_decay=weight_decay, tol=tol, seed=i)
+        top = hessian_eigenvalues(model, x, y, k=k, which="LM", weight_decay=weight_decay, tol=tol, seed=i,
+                                  max_matvecs=max_matvecs)
+        used += 1
+        if not top:
+            unconverged += 1
+            continue
         values += top
         per_batch_max.append(max(top))
-        used += 1
     arr = np.asarray(values)
     positive = arr[arr > 0]
     return SpectrumSummary(
@@ -218,4 +230,5 @@ def hessian_spectrum(
         ape=float(positive.mean()) if len(positive) else 0.0,
         batches=used,
         k=k,
+        unconverged=unconverged,
     )

@@ -37,6 +37,7 @@ class DiagnosticsConfig:
     hessian_batch_size: int = 64
     hessian_k: int = 1
     hessian_tol: float = 1e-3
+    hessian_max_matvecs: int = 60  # per batch: bounds the Lanczos cost when eigenvalues cluster
     augment: bool = True  # Hessian loss on the recipe's augmented training batches (paper: yes)
     l2: bool = True  # add (wd/2)·‖θ‖² to the Hessian loss (paper: yes)
     fourier_images: int = 64
@@ -123,7 +124,7 @@ def diagnose(
         t0 = time.perf_counter()
         spectrum = hessian_spectrum(model, _hessian_batches(model, data, recipe, config, device),
                                     n_batches=config.hessian_batches, k=config.hessian_k, weight_decay=wd,
-                                    tol=config.hessian_tol)
+                                    tol=config.hessian_tol, max_matvecs=config.hessian_max_matvecs)
         out["hessian"] = spectrum.to_dict()
         out.update(lambda_max=spectrum.lambda_max, nep=spectrum.nep, ape=spectrum.ape)
         out["timings"]["hessian"] = time.perf_counter() - t0

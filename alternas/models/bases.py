@@ -6,7 +6,7 @@ A base fixes everything but the placement: block type, default depths, stage wid
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 from alternas.errors import ConfigError
@@ -67,13 +67,32 @@ def register_base(base: Base, *, overwrite: bool = False) -> Base:
     return base
 
 
+_VARIANT_KEYS = ("heads_mult", "dim_head")
+
+
 def get_base(name: str | Base) -> Base:
+    """A registered base by name; ``"resnet50@heads_mult=2,dim_head=32"`` derives a variant with other MSA
+    hyper-parameters (the searches use this, and the spec string rebuilds it anywhere, timm export included)."""
     if isinstance(name, Base):
         return name
+    root, _, variant = name.partition("@")
     try:
-        return _BASES[name]
+        base = _BASES[root]
     except KeyError:
-        raise ConfigError(f"unknown base {name!r}; choose one of: {', '.join(list_bases())}") from None
+        raise ConfigError(f"unknown base {root!r}; choose one of: {', '.join(list_bases())}") from None
+    if not variant:
+        return base
+    changes = {}
+    for item in variant.split(","):
+        key, _, value = item.partition("=")
+        if key not in _VARIANT_KEYS:
+            raise ConfigError(f"base variant {name!r}: unknown key {key!r}; use {' or '.join(_VARIANT_KEYS)}")
+        try:
+            changes[key] = float(value) if key == "heads_mult" else int(value)
+        except ValueError:
+            raise ConfigError(f"base variant {name!r}: {key} needs a number, got {value!r}") from None
+    heads = tuple(max(1, round(h * changes.get("heads_mult", 1))) for h in base.heads)
+    return replace(base, name=name, heads=heads, dim_head=changes.get("dim_head", base.dim_head))
 
 
 def list_bases() -> list[str]:

@@ -3,6 +3,7 @@ base's, Optuna's own figures when the study has Optuna trials, and the results t
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 from pathlib import Path
@@ -82,8 +83,89 @@ def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
     return "<h2>Results</h2>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0), frame
 
 
-def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = None) -> Path:
+def placement_heatmap(placements: list[str], title: str) -> go.Figure:
+    """How often each block is an MSA among ``placements`` (stages x blocks)."""
+    parsed = [Placement.parse(p) for p in placements]
+    stages = max(p.num_stages for p in parsed)
+    width = max(max(p.depths) for p in parsed)
+    share = [[0.0] * width for _ in range(stages)]
+    present = [[0] * width for _ in range(stages)]
+    for p in parsed:
+        for s, i, kind in p.blocks():
+            present[s][i] += 1
+            share[s][i] += kind == "msa"
+    z = [[share[s][i] / present[s][i] if present[s][i] else None for i in range(width)] for s in range(stages)]
+    fig = go.Figure(go.Heatmap(z=z, x=[f"block {i + 1}" for i in range(width)], y=[f"c{s + 1}" for s in range(stages)],
+                               colorscale="Greys", zmin=0, zmax=1, texttemplate="%{z:.2f}",
+                               colorbar={"title": "MSA share"}, xgap=3, ygap=3))
+    fig.update_layout(title=title, height=140 + 45 * stages, yaxis={"autorange": "reversed"})
+    return fig
+
+
+def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figure], str]:
+    """Optuna's own plotly figures (not redrawn), the placement heat map and the best trials' diagnostics."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from alternas.search.optuna_search import OBJECTIVES, load_optuna_study, redact
+    from alternas.search.study import StudyFolder
+
+    config = StudyFolder(study_dir).load_config()
+    study = load_optuna_study(config, storage)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    states = [t.state.name for t in study.trials]
+    names = study.metric_names or list(config.optuna.objectives)
+    where = redact(storage or config.optuna.storage or "journal file in the study folder")
+    intro = (f"<p>Optuna study <code>{html.escape(study.study_name)}</code> ({html.escape(where)}): "
+             f"{len(states)} trials, {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
+             f"{states.count('FAIL')} failed; objectives {', '.join(names)}.</p>")
+    if not complete:
+        return [], intro
+    vis = optuna.visualization
+    figs: list[go.Figure] = []
+    multi = len(names) > 1
+    if multi:
+        figs.append(vis.plot_pareto_front(study, target_names=names))
+        ranked = study.best_trials
+    else:
+        figs.append(vis.plot_optimization_history(study, target_name=names[0]))
+        reverse = OBJECTIVES.get(names[0], ("", "maximize"))[1] == "maximize"
+        ranked = sorted(complete, key=lambda t: t.value, reverse=reverse)
+    targets = [(lambda t, i=i: t.values[i], n) for i, n in enumerate(names)] if multi else [(None, names[0])]
+    for target, name in targets:
+        figs.append(vis.plot_parallel_coordinate(study, target=target, target_name=name))
+        if len(complete) >= 2:
+            with contextlib.suppress(RuntimeError, ValueError):  # too few distinct trials for importances yet
+                figs.append(vis.plot_param_importances(study, target=target, target_name=name))
+    top = ranked[: max(3, len(ranked) // 4)]
+    figs.append(placement_heatmap([t.user_attrs["placement"] for t in top],
+                                  f"MSA placement among the top {len(top)} trials"))
+    diag = {}
+    for t in ranked[:2]:
+        d = _diagnostics_of(study_dir, t.user_attrs.get("keys", []))
+        if d:
+            diag[f"trial {t.number} {t.user_attrs['placement']}"] = d
+    if diag:
+        figs += diagnostic_figures(diag)
+    _attach_to_dashboard(study, figs)
+    return figs, intro
+
+
+def _attach_to_dashboard(study: Any, figs: list[go.Figure]) -> None:
+    """Make the figures visible in optuna-dashboard too, when it is installed."""
+    try:
+        from optuna_dashboard import save_plotly_graph_object
+    except ImportError:
+        return
+    for fig in figs:
+        save_plotly_graph_object(study, fig)
+
+
+def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = None,
+                 storage: str | None = None) -> Path:
     """Write ``study_dir/report.html`` from what the folder holds now (a running study works too)."""
+    from alternas.search.optuna_search import has_optuna
+
     study_dir = Path(study_dir)
     if not study_dir.is_dir():
         raise ConfigError(f"study folder {study_dir} does not exist")
@@ -107,6 +189,10 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
                 compared[label] = diag
         if compared:
             figures += diagnostic_figures(compared)
+    if storage or has_optuna(study_dir) or _configured_storage(study_dir):
+        optuna_figs, optuna_intro = _optuna_section(study_dir, storage)
+        figures += optuna_figs
+        intro.append(optuna_intro)
     figures += extra_figures or []
     table, _ = _results_table(study_dir)
     if not figures and table.startswith("<p>No"):
@@ -115,6 +201,17 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
 
     return write_html(study_dir / "report.html", f"alternas study: {study_dir.name}", figures,
                       intro_html="".join(intro), tables_html=table)
+
+
+def _configured_storage(study_dir: Path) -> str | None:
+    config = _read_yaml(study_dir / "study.yaml")
+    return (config or {}).get("optuna", {}).get("storage")
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) if path.is_file() else None
 
 
 def _read(path: Path) -> Any:

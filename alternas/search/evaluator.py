@@ -7,11 +7,14 @@ trained again, whichever search asks, and an interrupted one resumes from its la
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -133,6 +136,26 @@ class Evaluator:
         hit = self.cached(key)
         if hit is not None:
             return hit
+        with self._candidate_lock(key):  # another worker may be training this very candidate: wait for it
+            hit = self.cached(key)
+            if hit is not None:
+                return hit
+            return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback)
+
+    @contextmanager
+    def _candidate_lock(self, key: str) -> Iterator[None]:
+        locks = self.folder.candidates / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with open(locks / key, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _train_and_score(self, placement: Placement, seed: int, recipe: Recipe, key: str,
+                         parent: CandidateResult | None, epoch_callback: EpochCallback | None) -> CandidateResult:
+        cfg = self.config
         run_dir = self.folder.candidates / key
         base = dict(key=key, placement=str(placement), num_msa=placement.num_msa, seed=seed, base=cfg.base,
                     epochs=recipe.total_epochs, subset=cfg.data.subset, run_dir=str(run_dir),

@@ -1,0 +1,265 @@
+"""The Optuna search over placements: space -> trial parameters -> placement -> the shared evaluator.
+
+Storage: a journal file in the study folder by default (no server), or any Optuna storage URL so that workers on
+many machines share one study. ``trials`` is the study's total over all workers. A worker killed mid-trial loses
+nothing: on an RDB storage Optuna's heartbeat fails the stale trial and ``RetryFailedTrialCallback`` re-queues it;
+on the journal file a restarted worker re-queues the RUNNING trials of dead workers on its host. Either way the
+retried candidate resumes from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from alternas.errors import ConfigError
+from alternas.placement import Placement
+from alternas.search.evaluator import CandidateResult, Evaluator
+from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
+from alternas.search.study import StudyConfig, StudyFolder
+
+# objective name -> (result attribute, direction)
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "acc": ("val_acc", "maximize"),
+    "nll": ("val_nll", "minimize"),
+    "ece": ("val_ece", "minimize"),
+    "lambda_max": ("lambda_max", "minimize"),
+    "nep": ("nep", "minimize"),
+    "ape": ("ape", "minimize"),
+    "params": ("params", "minimize"),
+    "flops": ("flops", "minimize"),
+}
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+PRUNERS = ("hyperband", "median", "none")
+JOURNAL = "optuna.journal"
+
+
+def redact(url: str) -> str:
+    """A storage URL safe to print: the password (and any token in the query) replaced by ***."""
+    url = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password|token|secret)=[^&]+", r"\1=***", url)
+
+
+def open_storage(config: StudyConfig, url: str | None = None) -> Any:
+    """The Optuna storage: ``url`` / ``$ALTERNAS_STORAGE`` / the study's journal file."""
+    url = url or config.optuna.storage or os.environ.get("ALTERNAS_STORAGE")
+    if not url:
+        folder = config.output_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
+    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=30, grace_period=90,
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
+            )
+        except Exception as err:  # connection refused, missing driver, bad credentials...
+            raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
+                              f"{redact(str(err)).splitlines()[0]}") from None
+    return url  # e.g. redis journal URLs: Optuna resolves them
+
+
+def _sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    raise ConfigError(f"unknown sampler {name!r}; choose one of: {', '.join(SAMPLERS)}")
+
+
+def _pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max_epochs, reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ConfigError(f"unknown pruner {name!r}; choose one of: {', '.join(PRUNERS)}")
+
+
+def _requeue_dead_workers(study: optuna.Study, log: Callable[[str], None]) -> int:
+    """Journal storage: RUNNING trials started on this host by a process that no longer exists are failed and
+    re-queued with the same parameters (their candidate resumes from its checkpoint)."""
+    host = socket.gethostname()
+    requeued = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        # no public API fails another process's trial; this is what Optuna's own stale-trial check does
+        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        requeued += 1
+        log(f"re-queued trial {trial.number} {trial.user_attrs.get('placement', '')} (its worker pid {pid} died)")
+    return requeued
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _known_placements(config: StudyConfig, space: SearchSpace) -> list[tuple[str, Placement]]:
+    """The base, the paper's AlterNet for that base and the build-up result (if the folder has one)."""
+    from alternas.models.bases import get_base
+
+    base = get_base(space.base)
+    known = [("base", Placement.all_conv(base.depths))]
+    if base.paper_msa_counts:
+        known.append(("paper", Placement.from_counts(base.depths, base.paper_msa_counts)))
+    trajectory = StudyFolder(config.output_dir).read_json("trajectory.json")
+    if trajectory and trajectory.get("best"):
+        known.append(("buildup", Placement.parse(trajectory["best"])))
+    return known
+
+
+def run_optuna(
+    config: StudyConfig,
+    *,
+    trials: int | None = None,
+    storage: str | None = None,
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> optuna.Study:
+    """Run this worker's share of the study's ``trials`` (shared with other workers through the storage)."""
+    oc = config.optuna
+    trials = trials or oc.trials
+    names = list(oc.objectives)
+    for name in names:
+        if name not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}")
+    space = load_space(oc.space or default_space_path(config.base))
+    if space.base.split("@")[0] != config.base.split("@")[0]:
+        raise ConfigError(f"{space.source} is a space over base {space.base!r} but the study's base is "
+                          f"{config.base!r}; pass --base {space.base} or another --space")
+    multi = len(names) > 1
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    directions = [OBJECTIVES[n][1] for n in names]
+    study = optuna.create_study(
+        study_name=oc.study_name or config.name, storage=open_storage(config, storage), load_if_exists=True,
+        directions=directions, sampler=_sampler(oc.sampler, oc.seed, space),
+        pruner=None if multi else _pruner(oc.pruner, config.recipe.total_epochs),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names(names)
+    StudyFolder(config.output_dir).save_config(config)
+    _requeue_dead_workers(study, log)
+    existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
+    for label, placement in _known_placements(config, space):
+        params = space.encode(placement)
+        if params is None:
+            log(f"not enqueued: the {label} placement {placement} is outside {space.source}")
+        elif str(params) not in existing:
+            study.enqueue_trial(params, user_attrs={"enqueued": label}, skip_if_exists=True)
+            existing.add(str(params))
+    objective = _Objective(config, space, names, multi, quiet, log)
+    counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
+    study.optimize(objective, n_trials=trials, callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)],
+                   catch=())
+    return study
+
+
+class _Objective:
+    """One trial: sample -> evaluate every seed -> report epochs for pruning -> record everything."""
+
+    def __init__(self, config: StudyConfig, space: SearchSpace, names: list[str], multi: bool, quiet: bool,
+                 log: Callable[[str], None]) -> None:
+        self.config, self.space, self.names, self.multi, self.log = config, space, names, multi, log
+        self.quiet = quiet
+        self.gate_epoch = max(1, config.recipe.total_epochs // 3)
+
+    def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            placement, base, window = self.space.sample(trial)
+        except InvalidCandidate as err:
+            trial.set_user_attr("invalid", str(err))
+            self.log(f"[trial {trial.number}] invalid: {err} (pruned)")
+            raise optuna.TrialPruned(f"invalid placement: {err}") from None
+        cfg = replace(self.config, base=base, window_size=window or self.config.window_size)
+        evaluator = Evaluator(cfg, StudyFolder(self.config.output_dir), quiet=self.quiet)
+        trial.set_user_attr("placement", str(placement))
+        trial.set_user_attr("base", base)
+        self.log(f"[trial {trial.number}] {placement} ({placement.describe()}) on {base}")
+        runs: list[CandidateResult] = []
+        for i, seed in enumerate(cfg.seeds):
+            callback = self._pruning_callback(trial) if i == 0 else None
+            runs.append(evaluator.evaluate(placement, seed, epoch_callback=callback))
+        done = [r for r in runs if r.status == "completed"]
+        self._record(trial, runs)
+        if not done:
+            raise optuna.TrialPruned(f"every seed ended {runs[0].status}: {runs[0].error}")
+        values = [statistics.fmean(getattr(r, OBJECTIVES[n][0]) for r in done) for n in self.names]
+        self.log(f"    {', '.join(f'{n} {v:.4g}' for n, v in zip(self.names, values))}")
+        return values if self.multi else values[0]
+
+    def _pruning_callback(self, trial: optuna.Trial) -> Callable[[int, dict], None]:
+        """Single objective: report val acc per epoch to the pruner. Multi-objective (no Optuna pruning): a
+        low-fidelity gate — stop at 1/3 of the epochs if val acc is below the median of finished trials there."""
+        def report(epoch: int, row: dict[str, float]) -> None:
+            acc = row["val_acc"]
+            if not self.multi:
+                trial.report(acc, epoch + 1)
+                if trial.should_prune():
+                    trial.set_user_attr("pruned_at_epoch", epoch + 1)
+                    raise optuna.TrialPruned(f"pruned at epoch {epoch + 1} (val acc {acc:.2f})")
+            elif epoch + 1 == self.gate_epoch:
+                trial.set_user_attr("gate_acc", acc)
+                earlier = [t.user_attrs["gate_acc"] for t in trial.study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE,)) if "gate_acc" in t.user_attrs]
+                if len(earlier) >= 3 and acc < statistics.median(earlier):
+                    trial.set_user_attr("pruned_at_epoch", epoch + 1)
+                    raise optuna.TrialPruned(f"below the median gate accuracy at epoch {epoch + 1}")
+
+        return report
+
+    def _record(self, trial: optuna.Trial, runs: list[CandidateResult]) -> None:
+        done = [r for r in runs if r.status == "completed"]
+
+        def mean(attr: str) -> float | None:
+            values = [getattr(r, attr) for r in done if getattr(r, attr) is not None]
+            return statistics.fmean(values) if values else None
+
+        for attr in ("val_acc", "val_nll", "val_ece", "test_acc", "lambda_max", "nep", "ape", "images_per_s"):
+            trial.set_user_attr(attr, mean(attr))
+        trial.set_user_attr("params", runs[0].params)
+        trial.set_user_attr("flops", runs[0].flops)
+        trial.set_user_attr("delta_high", done[0].delta_high if done else {})
+        trial.set_user_attr("run_dirs", [r.run_dir for r in runs])
+        trial.set_user_attr("keys", [r.key for r in runs])
+        trial.set_user_attr("statuses", [r.status for r in runs])
+
+
+def load_optuna_study(config: StudyConfig, storage: str | None = None) -> optuna.Study:
+    name = config.optuna.study_name or config.name
+    try:
+        return optuna.load_study(study_name=name, storage=open_storage(config, storage))
+    except KeyError:
+        raise ConfigError(f"no Optuna study named {name!r} in this storage; run `alternas optuna` first") from None
+
+
+def has_optuna(folder: Path) -> bool:
+    return (folder / JOURNAL).is_file()

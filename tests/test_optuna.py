@@ -1,0 +1,112 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from alternas.errors import ConfigError
+from alternas.placement import Placement
+from alternas.search import study_from_dict
+from alternas.search.optuna_search import load_optuna_study, redact, run_optuna
+from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _study(tmp_path: Path, **optuna_settings) -> dict:
+    return {
+        "name": "opt", "base": "tiny", "seeds": [0], "output": str(tmp_path / "study"),
+        "data": {"name": "shapes", "subset": 300, "val_fraction": 0.2},
+        "recipe": {"name": "fast", "epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+        "diagnostics": {"hessian": False, "fourier": True, "fourier_images": 16},
+        "optuna": {"trials": 4, "space": str(ROOT / "search_spaces" / "tiny.yaml"), **optuna_settings},
+    }
+
+
+def test_shipped_spaces_are_valid_and_encode_the_paper_models() -> None:
+    r50 = load_space(ROOT / "search_spaces" / "resnet50.yaml")
+    params = r50.encode(Placement.parse("CCC,CCCM,CCCCCM,CMCM"))
+    assert params["c4_depth"] == 4 and params["c3_msa"] == 1 and params["msa_dim_head"] == 64
+    assert r50.encode(Placement.parse("CCC,CCCM,CCMCCC,CMCM")) is None  # not the reference pattern
+    assert load_space(ROOT / "search_spaces" / "resnet18.yaml").base == "resnet18"
+    tiny = load_space(ROOT / "search_spaces" / "tiny.yaml")
+    assert set(tiny.grid()) == {"c1_msa", "c2_msa", "c3_msa", "c4_depth", "c4_b2", "c4_b3"}
+
+
+def test_space_sampling_maps_invalid_combinations_to_invalid_candidate() -> None:
+    space = space_from_dict({"base": "tiny", "stages": [{"depth": [2]}, {"depth": [2]}, {"depth": [2]},
+                                                        {"depth": [2, 4], "msa": "count"}]})
+    trial = optuna.trial.FixedTrial({"c1_msa": 0, "c2_msa": 1, "c3_msa": 0, "c4_depth": 2, "c4_msa": 2})
+    with pytest.raises(InvalidCandidate, match="c4: 2 alternating MSAs do not fit 2 blocks"):
+        space.sample(trial)
+    ok = optuna.trial.FixedTrial({"c1_msa": 0, "c2_msa": 1, "c3_msa": 0, "c4_depth": 4, "c4_msa": 2})
+    assert str(space.sample(ok)[0]) == "CC,CM,CC,CMCM"
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ({"base": "tiny", "stages": []}, "stages: give a list of 4 stage entries"),
+        ({"base": "tiny", "stages": [{"depth": [2], "msa": "some"}] * 4}, "stages[1].msa: unknown mode 'some'"),
+        ({"base": "nope", "stages": []}, "base: unknown base 'nope'"),
+        ({"base": "tiny", "stages": [{"depth": [2]}] * 4, "msa": {"heads": [1]}}, "msa.heads: unknown key"),
+    ],
+)
+def test_space_errors_name_file_and_key(tmp_path, raw: dict, fragment: str) -> None:
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=str(path).replace(".", r"\.")) as err:
+        load_space(path)
+    assert fragment in str(err.value)
+
+
+def test_redact_hides_credentials() -> None:
+    assert redact("postgresql://alice:s3cret@db:5432/x") == "postgresql://alice:***@db:5432/x"
+    assert "s3cret" not in redact("redis://h/0?password=s3cret")
+
+
+def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None:
+    config = study_from_dict(_study(tmp_path, pruner="none"))
+    study = run_optuna(config, quiet=True, log=lambda _: None)
+    trials = study.get_trials()
+    assert len(trials) == 4 and (Path(config.output_dir) / "optuna.journal").is_file()
+    enqueued = [t.user_attrs.get("enqueued") for t in trials[:2]]
+    assert enqueued == ["base", "paper"]
+    assert trials[0].user_attrs["placement"] == "CC,CC,CC,CC" and trials[1].user_attrs["placement"] == "CC,CM,CM,CM"
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert done and all({"val_acc", "params", "flops", "delta_high", "run_dirs"} <= set(t.user_attrs) for t in done)
+    assert study.metric_names == ["acc"]
+    # the same placements at the same fidelity come from the shared cache
+    results = list((Path(config.output_dir) / "candidates").glob("*/result.json"))
+    assert len(results) == len({t.user_attrs["placement"] for t in done})
+    again = load_optuna_study(config)
+    assert len(again.trials) == 4
+
+
+def test_two_concurrent_workers_share_one_study(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_study(tmp_path, trials=6, pruner="none", sampler="random")))
+    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet"]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-1500:] for o in outputs]
+    study = load_optuna_study(study_from_dict(_study(tmp_path)))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert 6 <= len(finished) <= 7  # the total is the study's, not per worker (one race may add one)
+    assert all(t.user_attrs.get("val_acc") is not None for t in study.trials if t.state == TrialState.COMPLETE)
+
+
+def test_optuna_cli_errors(tmp_path) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_study(tmp_path)))
+    res = subprocess.run([sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--objectives",
+                          "acc,speed"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown objective 'speed'" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--storage",
+                          "postgresql://u:topsecret@127.0.0.1:1/none"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "topsecret" not in res.stderr + res.stdout
