@@ -104,21 +104,26 @@ def arch(placement: str, base: str, num_classes: int, image_size: int, window_si
               help="Trained weights (.safetensors, or a torch file loaded with weights_only=True).")
 @click.option("--study", "study_dir", type=click.Path(file_okay=False), default=None,
               help="A study folder: export its chosen candidate (with --best) and trained weights.")
-@click.option("--best", is_flag=True, help="With --study: the build-up's final placement, best seed.")
+@click.option("--best", is_flag=True, help="With --study: the build-up's final placement (or, for an Optuna-only "
+              "study, the best trial), best seed.")
+@click.option("--trial", type=int, default=None, help="With --study: this Optuna trial.")
+@click.option("--prefer", default=None, help="With --best on a multi-objective study: the objective that decides.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Folder to write.")
 @click.option("--force", is_flag=True, help="Overwrite a non-empty --out folder.")
 def export(base: str, num_classes: int, image_size: int, window_size: int | None, placement: str | None,
-           checkpoint: str | None, study_dir: str | None, best: bool, out_dir: str, force: bool) -> None:
+           checkpoint: str | None, study_dir: str | None, best: bool, trial: int | None, prefer: str | None,
+           out_dir: str, force: bool) -> None:
     """Export an AlterNet (with weights) to a folder that timm.create_model('local-dir:OUT') loads."""
     from alternas.models import build_model
     from alternas.models.timm_hub import export_to_timm, load_weights, model_from_run
 
     if study_dir:
-        if not best:
-            raise click.UsageError("with --study, say which candidate: --best")
-        from alternas.search.selection import best_buildup_run
+        if not best and trial is None:
+            raise click.UsageError("with --study, say which candidate: --best or --trial N")
+        from alternas.search.selection import best_buildup_run, optuna_run
 
-        chosen = best_buildup_run(study_dir)
+        use_buildup = trial is None and (Path(study_dir) / "trajectory.json").is_file()
+        chosen = best_buildup_run(study_dir) if use_buildup else optuna_run(study_dir, trial, prefer)
         model = model_from_run(chosen.run_dir)
         base = model.base.name
         click.echo(f"{study_dir}: best placement {chosen.placement} (seed {chosen.seed}, val acc "

@@ -110,3 +110,52 @@ def test_optuna_cli_errors(tmp_path) -> None:
     res = subprocess.run([sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--storage",
                           "postgresql://u:topsecret@127.0.0.1:1/none"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "topsecret" not in res.stderr + res.stdout
+
+
+def test_multi_objective_pareto_front_and_export_rule(tmp_path) -> None:
+    import timm
+
+    config = study_from_dict(_study(tmp_path, trials=3, objectives=["acc", "params"]))
+    study = run_optuna(config, quiet=True, log=lambda _: None)
+    assert len(study.directions) == 2 and study.best_trials
+    root = str(config.output_dir)
+    base = [sys.executable, "-m", "alternas", "export", "--study", root, "--best", "--out"]
+    res = subprocess.run([*base, str(tmp_path / "a")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "--prefer acc|params" in res.stderr and "Pareto trials: #" in res.stderr
+    res = subprocess.run([*base, str(tmp_path / "b"), "--prefer", "params"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    smallest = min(study.best_trials, key=lambda t: t.values[1])
+    model = timm.create_model(f"local-dir:{tmp_path / 'b'}", pretrained=True)
+    assert str(model.placement) == smallest.user_attrs["placement"]
+    report = subprocess.run([sys.executable, "-m", "alternas", "report", root], capture_output=True, text=True,
+                            timeout=300)
+    assert report.returncode == 0, report.stderr
+    page = (Path(root) / "report.html").read_text()
+    assert "Pareto" in page and "MSA placement among the top" in page
+
+
+def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
+    import os
+    import uuid
+
+    url = os.environ.get("ALTERNAS_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide ALTERNAS_TEST_POSTGRES (.ci/postgres.sh starts the server)")
+        pytest.skip("no PostgreSQL server: set ALTERNAS_TEST_POSTGRES=postgresql://... (see .ci/postgres.sh)")
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_study(tmp_path, trials=5, pruner="none", sampler="random", study_name=name)))
+    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet", "--storage", url]
+    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [o[1][-1500:] for o in outputs]
+    password = url.split("://", 1)[1].split("@")[0].partition(":")[2]
+    assert all(password not in out + err for out, err in outputs)  # credentials never logged
+    study = optuna.load_study(study_name=name, storage=url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert 5 <= len(finished) <= 6
+    assert all(t.user_attrs.get("val_acc") is not None for t in finished if t.state == TrialState.COMPLETE)

@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -60,14 +61,22 @@ def open_storage(config: StudyConfig, url: str | None = None) -> Any:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
     if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
-        try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=30, grace_period=90,
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=3),
-            )
-        except Exception as err:  # connection refused, missing driver, bad credentials...
-            raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
-                              f"{redact(str(err)).splitlines()[0]}") from None
+        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
+            optuna.storages.RetryFailedTrialCallback  # the older name (deprecated in Optuna 4.9)
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90,
+                                                      failed_trial_callback=retry(max_retry=3))
+            except ImportError as err:
+                raise ConfigError(f"cannot open Optuna storage {redact(url)}: {err} (pip install "
+                                  "'alternas[postgres]' for PostgreSQL)") from None
+            except Exception as err:  # connection refused, bad credentials, or workers creating the schema at once
+                if attempt == 3 or "UniqueViolation" not in repr(err) and "already exists" not in str(err):
+                    raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
+                                      f"{redact(str(err)).splitlines()[0]}") from None
+                time.sleep(0.5 + attempt)
     return url  # e.g. redis journal URLs: Optuna resolves them
 
 

@@ -29,3 +29,39 @@ def best_buildup_run(study_dir: str | Path) -> CandidateResult:
     if not runs:
         raise ConfigError(f"{study_dir}: the best placement {best} has no finished run to export")
     return max(runs, key=lambda r: r.val_acc or 0.0)
+
+
+def optuna_run(study_dir: str | Path, trial: int | None = None, prefer: str | None = None,
+               storage: str | None = None) -> CandidateResult:
+    """A trial's best-seed run: trial ``trial``, else the best trial (multi-objective studies need ``prefer``,
+    the objective that picks among the Pareto trials)."""
+    from optuna.trial import TrialState
+
+    from alternas.search.optuna_search import OBJECTIVES, load_optuna_study
+    from alternas.search.study import StudyFolder
+
+    config = StudyFolder(study_dir).load_config()
+    study = load_optuna_study(config, storage)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if trial is not None:
+        chosen = next((t for t in complete if t.number == trial), None)
+        if chosen is None:
+            raise ConfigError(f"trial {trial} is not a complete trial of {study.study_name}")
+    elif len(study.directions) == 1:
+        if not complete:
+            raise ConfigError(f"{study.study_name} has no complete trial yet")
+        chosen = study.best_trial
+    else:
+        names = study.metric_names or list(config.optuna.objectives)
+        pareto = ", ".join(f"#{t.number} {t.user_attrs.get('placement')}" for t in study.best_trials)
+        if prefer not in names:
+            raise ConfigError(f"multi-objective study: choose with --prefer {'|'.join(names)} or --trial N; "
+                              f"Pareto trials: {pareto}")
+        i = names.index(prefer)
+        sign = 1 if OBJECTIVES[prefer][1] == "maximize" else -1
+        chosen = max(study.best_trials, key=lambda t: sign * t.values[i])
+    results = load_results(study_dir)
+    runs = [results[k] for k in chosen.user_attrs.get("keys", []) if k in results and results[k].status == "completed"]
+    if not runs:
+        raise ConfigError(f"trial {chosen.number} has no finished run to export")
+    return max(runs, key=lambda r: r.val_acc or 0.0)
