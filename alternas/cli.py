@@ -313,26 +313,35 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
         click.echo(f"wrote {target}/diagnostics.json and {target}/diagnostics.html")
 
 
+def _study_options(func: Any) -> Any:
+    """Options shared by the searches: they override the study file's values."""
+    for option in reversed([
+        click.option("--name", default=None, help="Study name (output defaults to studies/<name>)."),
+        click.option("--base", default=None),
+        click.option("--data", "data_name", default=None),
+        click.option("--data-root", default=None),
+        click.option("--subset", type=float, default=None),
+        click.option("--recipe", "recipe_name", default=None),
+        click.option("--epochs", type=click.IntRange(min=1), default=None),
+        click.option("--seeds", default=None, help="Comma-separated seeds; decisions use the mean over them."),
+        click.option("--out", "out_dir", default=None, help="Study folder (default studies/<name>)."),
+        click.option("--device", default=None),
+        click.option("--quiet", is_flag=True, help="No per-epoch progress bars."),
+    ]):
+        func = option(func)
+    return func
+
+
 @main.command()
 @click.option("--study", "study_file", type=click.Path(dir_okay=False), default=None,
               help="Study YAML (e.g. studies/quickstart.yaml); flags below override it.")
-@click.option("--name", default=None, help="Study name (output defaults to studies/<name>).")
-@click.option("--base", default=None)
-@click.option("--data", "data_name", default=None)
-@click.option("--data-root", default=None)
-@click.option("--subset", type=float, default=None)
-@click.option("--recipe", "recipe_name", default=None)
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--seeds", default=None, help="Comma-separated seeds; decisions use the mean over them.")
+@_study_options
 @click.option("--start", default=None, help="Placement to start from (default: the base's all-Conv net).")
 @click.option("--min-gain", type=click.FloatRange(min=0), default=None, help="Accuracy gain (pp) to accept an MSA.")
 @click.option("--patience", type=click.IntRange(min=0), default=None)
 @click.option("--max-candidates", type=click.IntRange(min=1), default=None)
 @click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
-@click.option("--out", "out_dir", default=None, help="Study folder (default studies/<name>).")
-@click.option("--device", default=None)
-@click.option("--quiet", is_flag=True, help="No per-epoch progress bars.")
 def buildup(study_file: str | None, name: str | None, base: str | None, data_name: str | None,
             data_root: str | None, subset: float | None, recipe_name: str | None, epochs: int | None,
             seeds: str | None, start: str | None, min_gain: float | None, patience: int | None,
@@ -400,17 +409,7 @@ def _study_config(study_file, name, base, data_name, data_root, subset, recipe_n
               "in the study folder).")
 @click.option("--study-name", default=None, help="Name of the Optuna study inside the storage.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
-@click.option("--name", default=None)
-@click.option("--base", default=None)
-@click.option("--data", "data_name", default=None)
-@click.option("--data-root", default=None)
-@click.option("--subset", type=float, default=None)
-@click.option("--recipe", "recipe_name", default=None)
-@click.option("--epochs", type=click.IntRange(min=1), default=None)
-@click.option("--seeds", default=None)
-@click.option("--out", "out_dir", default=None)
-@click.option("--device", default=None)
-@click.option("--quiet", is_flag=True)
+@_study_options
 def optuna(study_file: str | None, trials: int | None, space: str | None, sampler: str | None, pruner: str | None,
            objectives: str | None, storage: str | None, study_name: str | None, seed: int | None, name: str | None,
            base: str | None, data_name: str | None, data_root: str | None, subset: float | None,
