@@ -7,6 +7,14 @@ a one-line message and exit code 2. Anything else escaping is a bug and keeps it
 from __future__ import annotations
 
 
+def reject_unknown_keys(keys, known, label: str = "key", where: str = "") -> None:
+    """One message for every mapping a user writes (recipes, study files): name the first unknown key."""
+    unknown = sorted(set(keys) - set(known))
+    if unknown:
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}unknown {label} {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+
+
 class AlternasError(Exception):
     """Base of every error caused by user input rather than by a bug."""
 

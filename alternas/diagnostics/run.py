@@ -61,14 +61,6 @@ class DiagnosticsConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> DiagnosticsConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown diagnostics key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        return cls(**data)
-
 
 def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: DiagnosticsConfig, device):
     """Augmented training batches (+ Mixup/CutMix soft targets when the recipe mixes), or clean ones."""

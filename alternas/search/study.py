@@ -18,7 +18,7 @@ import yaml
 
 from alternas.data.datasets import DataConfig
 from alternas.diagnostics.run import DiagnosticsConfig
-from alternas.errors import AlternasError, ConfigError, StudyLockedError
+from alternas.errors import AlternasError, ConfigError, StudyLockedError, reject_unknown_keys
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.train.recipe import Recipe, get_recipe
@@ -94,10 +94,7 @@ def _build_section(cls: type, values: Any, where: str) -> Any:
         return cls()
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: '{cls.__name__}' section must be a mapping, got {type(values).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+    reject_unknown_keys(values, {f.name for f in fields(cls)}, where=where)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     try:
         return cls(**values)
@@ -109,10 +106,7 @@ def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
     """Validate a study mapping (from YAML); errors name the file and the key."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: a study file must be a YAML mapping")
-    known = {f.name for f in fields(StudyConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+    reject_unknown_keys(raw, {f.name for f in fields(StudyConfig)}, where=source)
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         where = f"{source}: {key}"

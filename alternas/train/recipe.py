@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from alternas.errors import ConfigError
+from alternas.errors import ConfigError, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown recipe key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        reject_unknown_keys(data, {f.name for f in fields(cls)}, "recipe key")
         data = dict(data)
         if "milestones" in data:
             data["milestones"] = tuple(data["milestones"] or ())
@@ -167,8 +164,5 @@ def get_recipe(name: str | Recipe = "fast", overrides: dict[str, Any] | None = N
             raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(PRESETS)}") from None
     if not overrides:
         return recipe
-    known = {f.name for f in fields(Recipe)} - {"name"}
-    for key in overrides:
-        if key not in known:
-            raise ConfigError(f"unknown recipe key {key!r}; known keys: {', '.join(sorted(known))}")
+    reject_unknown_keys(overrides, {f.name for f in fields(Recipe)} - {"name"}, "recipe key")
     return replace(recipe, **{k: _coerce(recipe, k, v) for k, v in overrides.items()})
