@@ -10,6 +10,8 @@ import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
 
+from alternas.fileio import atomic_write_text
+
 MSA_SHADE, SUBSAMPLE_SHADE = "rgba(128,128,128,0.25)", "rgba(70,130,220,0.22)"
 
 
@@ -107,7 +109,4 @@ def write_html(path: str | Path, title: str, figures: Sequence[go.Figure], intro
         + tables_html
         + "</body></html>"
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
-    return path
+    return atomic_write_text(path, page)

@@ -19,6 +19,7 @@ from alternas.diagnostics.hessian import hessian_spectrum, hutchinson_trace
 from alternas.diagnostics.landscape import loss_landscape
 from alternas.diagnostics.robustness import lesion_study, noise_robustness
 from alternas.errors import ConfigError
+from alternas.fileio import atomic_write_text
 from alternas.train.fit import make_train_batches
 from alternas.train.recipe import Recipe
 
@@ -142,7 +143,7 @@ def diagnose(
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "diagnostics.json").write_text(json.dumps(_finite(out), indent=1))
+        atomic_write_text(out_dir / "diagnostics.json", json.dumps(_finite(out), indent=1))
         write_figures(out_dir / "diagnostics.html", {label: out}, title=f"Diagnostics: {label}")
     return out
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import time
 import traceback
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 
 from alternas.data.datasets import DataSplits, load_data
 from alternas.diagnostics.run import diagnose
+from alternas.fileio import atomic_write, atomic_write_text
 from alternas.models import count_flops, count_parameters
 from alternas.placement import Placement
 from alternas.search.study import StudyConfig, StudyFolder
@@ -206,11 +206,7 @@ class Evaluator:
                 if k in own and own[k].shape == v.shape and not any(k.startswith(c) for c in changed)}
 
     def _write_result(self, result: CandidateResult) -> None:
-        path = self.result_path(result.key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".result.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(result), indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1))
         self.write_table()
 
     def all_results(self) -> list[CandidateResult]:
@@ -224,8 +220,4 @@ class Evaluator:
     def write_table(self) -> Path:
         """``results.csv``: one row per candidate (derived from the per-candidate files, so never corrupt)."""
         rows = [r.to_row() for r in self.all_results()]
-        path = self.folder.root / "results.csv"
-        tmp = path.with_name(f".results.{os.getpid()}.tmp")
-        pd.DataFrame(rows).to_csv(tmp, index=False)
-        os.replace(tmp, path)
-        return path
+        return atomic_write(self.folder.root / "results.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))

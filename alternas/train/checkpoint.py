@@ -7,7 +7,6 @@ is removed only afterwards, so a kill at any point leaves a consistent pair on d
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from alternas.fileio import atomic_write
 
 
 def rng_state() -> dict[str, Any]:
@@ -58,7 +51,7 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], state: d
     weights = folder / f"model-{state['epoch']:04d}.safetensors"
     save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(weights))
     previous = load_state(folder)
-    _atomic_torch_save({**state, "weights": weights.name}, folder / "state.pt")
+    atomic_write(folder / "state.pt", lambda tmp: torch.save({**state, "weights": weights.name}, tmp), durable=True)
     if previous and previous["weights"] != weights.name:
         (folder / previous["weights"]).unlink(missing_ok=True)
     return weights

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
+from alternas.fileio import atomic_write, atomic_write_text
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from alternas.train.metrics import evaluate
 from alternas.train.recipe import Recipe
@@ -126,14 +127,14 @@ def eval_batches(data, split_data, batch_size: int, device: torch.device) -> Ten
 
 def _write_metrics(run_dir: Path, history: list[dict], summary: dict) -> None:
     if history:
-        with open(run_dir / "metrics.csv.tmp", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(history[0]))
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(run_dir / "metrics.csv.tmp", run_dir / "metrics.csv")
-    tmp = run_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps({**summary, "history": history}, indent=2))
-    os.replace(tmp, run_dir / "metrics.json")
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+                writer.writeheader()
+                writer.writerows(history)
+
+        atomic_write(run_dir / "metrics.csv", write_csv)
+    atomic_write_text(run_dir / "metrics.json", json.dumps({**summary, "history": history}, indent=2))
 
 
 def _finished_result(run_dir: Path) -> RunResult | None:
