@@ -1,9 +1,14 @@
-"""Writers of small datasets in real on-disk formats, for tests that exercise the real readers."""
+"""Writers of small datasets in real on-disk formats (for tests of the real readers), and process helpers."""
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import signal
+import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +64,23 @@ def write_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: tu
                 arr = np.full((size[1], size[0], 3), 40 + 80 * c, dtype=np.uint8)
                 arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"img_{i}.png")
+
+
+def kill_mid_candidate(proc: subprocess.Popen, candidates: Path, after_finished: int = 0,
+                       timeout: float = 300) -> tuple[Path, list[dict]]:
+    """SIGKILL ``proc``'s process group once a candidate has an epoch checkpoint but no result yet (and at least
+    ``after_finished`` candidates are done); returns that candidate's folder and the epochs it had recorded."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if len(list(candidates.glob("*/result.json"))) >= after_finished:
+            for state in candidates.glob("*/checkpoint/state.pt"):
+                victim = state.parent.parent
+                if not (victim / "result.json").exists() and (victim / "metrics.json").exists():
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    return victim, json.loads((victim / "metrics.json").read_text())["history"]
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended (exit {proc.returncode}) before it was killed mid-candidate")
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    raise AssertionError("the process never reached an unfinished candidate's first checkpoint")

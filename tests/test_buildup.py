@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,8 @@ import alternas  # noqa: F401
 from alternas.errors import ConfigError, StudyLockedError
 from alternas.placement import Placement
 from alternas.search import BuildupPolicy, Evaluator, StudyFolder, load_study, run_buildup, study_from_dict
+from tests.browser import assert_report_renders
+from tests.helpers import kill_mid_candidate
 
 PAPER_CIFAR100 = {  # PAPER.md §3.3, in the order the authors evaluated them
     "CCC,CCCC,CCCCCC,CCCC": (82.48, "start"),
@@ -172,19 +171,8 @@ def test_resume_after_kill_reuses_finished_candidates_and_the_interrupted_epochs
     cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     candidates = tmp_path / "study" / "candidates"
-    deadline = time.time() + 300
-    victim = None
-    while time.time() < deadline and victim is None:
-        finished = list(candidates.glob("*/result.json"))
-        for state in candidates.glob("*/checkpoint/state.pt"):
-            if finished and not (state.parent.parent / "result.json").exists():
-                victim = state.parent.parent
-        time.sleep(0.2)
-    assert victim is not None, "the search never reached a second candidate's first checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    victim, epochs_before = kill_mid_candidate(proc, candidates, after_finished=1)
     done_before = {p: p.stat().st_mtime_ns for p in candidates.glob("*/result.json")}
-    epochs_before = json.loads((victim / "metrics.json").read_text())["history"]
     assert 1 <= len(epochs_before) < 4
 
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -206,6 +194,7 @@ def test_report_and_export_of_the_best_candidate(tmp_path) -> None:
     page = (root / "report.html").read_text()
     assert "Build-up trajectory" in page and "Chosen architecture" in page and "Fourier analysis" in page
     assert "Hessian max-eigenvalue spectrum" in page
+    assert_report_renders(root / "report.html", min_figures=5)
     results = Evaluator(config).all_results()
     assert len(results) == 6 and all(r.key in page for r in results)  # 3 placements x 2 seeds in the table
     out = tmp_path / "exported"

@@ -1,3 +1,5 @@
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,8 @@ from alternas.placement import Placement
 from alternas.search import study_from_dict
 from alternas.search.optuna_search import load_optuna_study, redact, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
+from tests.browser import assert_report_renders
+from tests.helpers import kill_mid_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,6 +89,41 @@ def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None
     again = load_optuna_study(config)
     assert len(again.trials) == 4
 
+    # the report's figures are attached to the study; building it again replaces them rather than adding copies
+    from alternas.report import build_report
+
+    build_report(config.output_dir)
+    page = build_report(config.output_dir)
+    assert_report_renders(page, min_figures=5)
+    attached = _dashboard_figures(Path(config.output_dir) / "optuna.journal")
+    assert len(attached) == page.read_text().count('class="plotly-graph-div"') >= 5
+    assert all(json.loads(a["graph_object"])["data"] for a in attached)
+
+
+def _dashboard_figures(journal: Path) -> list[dict]:
+    """What a real optuna-dashboard server, opened on the journal file as README says, serves for the study."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([str(Path(sys.executable).with_name("optuna-dashboard")), str(journal), "--port",
+                               str(port), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/0", timeout=10) as reply:
+                    return json.load(reply)["plotly_graph_objects"]
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stderr.read() if server.stderr else ""
+                time.sleep(0.3)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
 
 def test_two_concurrent_workers_share_one_study(tmp_path) -> None:
     path = tmp_path / "s.yaml"
@@ -99,6 +138,8 @@ def test_two_concurrent_workers_share_one_study(tmp_path) -> None:
     assert len(numbers) == len(set(numbers))
     assert 6 <= len(finished) <= 7  # the total is the study's, not per worker (one race may add one)
     assert all(t.user_attrs.get("val_acc") is not None for t in study.trials if t.state == TrialState.COMPLETE)
+    # both workers wrote the report at their end; it is whole and renders (history, coordinates, heat map, ...)
+    assert_report_renders(tmp_path / "study" / "report.html", min_figures=5)
 
 
 def test_optuna_cli_errors(tmp_path) -> None:
@@ -133,17 +174,22 @@ def test_multi_objective_pareto_front_and_export_rule(tmp_path) -> None:
     assert report.returncode == 0, report.stderr
     page = (Path(root) / "report.html").read_text()
     assert "Pareto" in page and "MSA placement among the top" in page
+    assert_report_renders(Path(root) / "report.html", min_figures=7)  # Pareto, parallel coords x2, heat map, ...
 
 
-def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
-    import os
-    import uuid
-
+def _postgres_url() -> str:
     url = os.environ.get("ALTERNAS_TEST_POSTGRES")
     if not url:
         if os.environ.get("CI"):
             pytest.fail("CI must provide ALTERNAS_TEST_POSTGRES (.ci/postgres.sh starts the server)")
         pytest.skip("no PostgreSQL server: set ALTERNAS_TEST_POSTGRES=postgresql://... (see .ci/postgres.sh)")
+    return url
+
+
+def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
+    import uuid
+
+    url = _postgres_url()
     name = f"pg-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_study(tmp_path, trials=5, pruner="none", sampler="random", study_name=name)))
@@ -159,3 +205,59 @@ def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert 5 <= len(finished) <= 6
     assert all(t.user_attrs.get("val_acc") is not None for t in finished if t.state == TrialState.COMPLETE)
+
+
+def _killed_and_restarted_worker(tmp_path: Path, storage: str | None, **optuna_settings
+                                 ) -> tuple[optuna.Study, optuna.trial.FrozenTrial, Path, list[dict], str]:
+    """Start a worker, SIGKILL it inside a trial (after an epoch checkpoint), then run a fresh worker to the end."""
+    raw = _study(tmp_path, trials=3, pruner="none", sampler="random", **optuna_settings)
+    raw["data"]["subset"] = 1200
+    raw["recipe"]["epochs"] = 4
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet"]
+    cmd += ["--storage", storage] if storage else []
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    victim, epochs_before = kill_mid_candidate(proc, tmp_path / "study" / "candidates")
+    assert 1 <= len(epochs_before) < 4
+    config = study_from_dict(raw)
+    running = load_optuna_study(config, storage).get_trials(states=(TrialState.RUNNING,))
+    assert len(running) == 1  # the killed worker's trial is left RUNNING
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return load_optuna_study(config, storage), running[0], victim, epochs_before, res.stdout
+
+
+def _assert_retried_and_resumed(study: optuna.Study, killed: optuna.trial.FrozenTrial, retry_number: int,
+                                victim: Path, epochs_before: list[dict]) -> None:
+    states = {t.number: t.state for t in study.trials}
+    assert states[killed.number] == TrialState.FAIL
+    retry = study.trials[retry_number]
+    assert retry.state == TrialState.COMPLETE and retry.params == killed.params
+    assert retry.user_attrs["placement"] == killed.user_attrs["placement"]
+    history = json.loads((victim / "metrics.json").read_text())["history"]
+    assert len(history) == 4 and history[: len(epochs_before)] == epochs_before  # resumed, not restarted
+    assert list(states.values()).count(TrialState.COMPLETE) == 3  # the study's total, the lost trial made good
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+
+
+def test_worker_killed_mid_trial_on_the_journal_file_is_requeued_and_resumes(tmp_path) -> None:
+    study, killed, victim, epochs_before, out = _killed_and_restarted_worker(tmp_path, None)
+    assert f"re-queued trial {killed.number}" in out
+    retries = [t.number for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retries) == 1
+    _assert_retried_and_resumed(study, killed, retries[0], victim, epochs_before)
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_worker_killed_mid_trial_on_postgresql_is_retried_by_the_heartbeat(tmp_path) -> None:
+    import uuid
+
+    url = _postgres_url()
+    study, killed, victim, epochs_before, _ = _killed_and_restarted_worker(
+        tmp_path, url, study_name=f"kill-{uuid.uuid4().hex[:8]}", heartbeat_s=1, grace_period_s=3)
+    retries = [t.number for t in study.trials
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+    assert len(retries) == 1
+    _assert_retried_and_resumed(study, killed, retries[0], victim, epochs_before)

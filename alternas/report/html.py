@@ -152,13 +152,14 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
 
 
 def _attach_to_dashboard(study: Any, figs: list[go.Figure]) -> None:
-    """Make the figures visible in optuna-dashboard too, when it is installed."""
+    """Make the figures visible in optuna-dashboard too, when it is installed. Fixed ids: a report built again
+    (each worker builds one at its end) replaces the study's figures instead of adding copies."""
     try:
         from optuna_dashboard import save_plotly_graph_object
     except ImportError:
         return
-    for fig in figs:
-        save_plotly_graph_object(study, fig)
+    for i, fig in enumerate(figs):
+        save_plotly_graph_object(study, fig, graph_object_id=f"alternas-report-{i}")
 
 
 def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = None,

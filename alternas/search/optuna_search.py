@@ -2,9 +2,9 @@
 
 Storage: a journal file in the study folder by default (no server), or any Optuna storage URL so that workers on
 many machines share one study. ``trials`` is the study's total over all workers. A worker killed mid-trial loses
-nothing: on an RDB storage Optuna's heartbeat fails the stale trial and ``RetryFailedTrialCallback`` re-queues it;
-on the journal file a restarted worker re-queues the RUNNING trials of dead workers on its host. Either way the
-retried candidate resumes from its last epoch checkpoint.
+nothing: on an RDB storage Optuna's heartbeat fails the stale trial and ``RetryHeartbeatStaleTrialCallback``
+re-queues it; on the journal file a restarted worker re-queues the RUNNING trials of dead workers on its host.
+Either way the retried candidate resumes from its last epoch checkpoint.
 """
 
 from __future__ import annotations
@@ -61,14 +61,14 @@ def open_storage(config: StudyConfig, url: str | None = None) -> Any:
 
         return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
     if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
-        retry = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or \
-            optuna.storages.RetryFailedTrialCallback  # the older name (deprecated in Optuna 4.9)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback
         for attempt in range(4):
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=90,
-                                                      failed_trial_callback=retry(max_retry=3))
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=config.optuna.heartbeat_s,
+                                                      grace_period=config.optuna.grace_period_s,
+                                                      heartbeat_stale_trial_callback=retry(max_retry=3))
             except ImportError as err:
                 raise ConfigError(f"cannot open Optuna storage {redact(url)}: {err} (pip install "
                                   "'alternas[postgres]' for PostgreSQL)") from None
@@ -166,8 +166,9 @@ def run_optuna(
     multi = len(names) > 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [OBJECTIVES[n][1] for n in names]
+    opened = open_storage(config, storage)
     study = optuna.create_study(
-        study_name=oc.study_name or config.name, storage=open_storage(config, storage), load_if_exists=True,
+        study_name=oc.study_name or config.name, storage=opened, load_if_exists=True,
         directions=directions, sampler=_sampler(oc.sampler, oc.seed, space),
         pruner=None if multi else _pruner(oc.pruner, config.recipe.total_epochs),
     )
@@ -175,7 +176,8 @@ def run_optuna(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(names)
     StudyFolder(config.output_dir).save_config(config)
-    _requeue_dead_workers(study, log)
+    if not isinstance(opened, optuna.storages.RDBStorage):  # RDB: the heartbeat does it, across hosts too
+        _requeue_dead_workers(study, log)
     existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
     for label, placement in _known_placements(config, space):
         params = space.encode(placement)

@@ -19,6 +19,7 @@ import yaml
 from alternas.data.datasets import DataConfig
 from alternas.diagnostics.run import DiagnosticsConfig
 from alternas.errors import AlternasError, ConfigError, StudyLockedError, reject_unknown_keys
+from alternas.fileio import atomic_write_text
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.train.recipe import Recipe, get_recipe
@@ -49,6 +50,14 @@ class OptunaConfig:
     storage: str | None = None  # default: a journal file in the study folder
     study_name: str | None = None
     seed: int = 0
+    # RDB storages: a worker's heartbeat interval, and how long without one before its trial is failed and retried
+    heartbeat_s: int = 30
+    grace_period_s: int = 90
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.grace_period_s:
+            raise ConfigError("optuna.heartbeat_s must be positive and below optuna.grace_period_s "
+                              f"(got {self.heartbeat_s} and {self.grace_period_s})")
 
 
 @dataclass(frozen=True)
@@ -205,12 +214,7 @@ class StudyFolder:
 
     # -- files ---------------------------------------------------------------------------------------------------
     def write_json(self, name: str, payload: Any) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(payload, indent=1, default=dataclass_dict))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(self.root / name, json.dumps(payload, indent=1, default=dataclass_dict))
 
     def read_json(self, name: str) -> Any | None:
         path = self.root / name
