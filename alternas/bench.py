@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from alternas.data.datasets import DataConfig, load_data
 from alternas.data.loader import TensorLoader, pil_loader
+from alternas.errors import ConfigError
 from alternas.models import build_model
+from alternas.models.blocks import AttentionPath
 from alternas.train.fit import pick_device
 
 
@@ -28,34 +30,46 @@ def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str,
 
 
 def attention_throughput(batch: int = 32, steps: int = 3, rounds: int = 3, device: str | None = None) -> dict:
-    """Training img/s of the paper's CIFAR-100 AlterNet-50 with SDPA vs the plain matmul/softmax attention."""
+    """img/s of the paper's CIFAR-100 AlterNet-50 per attention path: training steps with the default ("auto"),
+    forced SDPA and the plain math path; inference (eval, no grad) with the default and the plain path."""
     dev = pick_device(device)
     model = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 100, (batch,), device=dev)
 
-    def arm(fused: bool) -> Callable[[], float]:
+    def arm(path: AttentionPath, train: bool) -> Callable[[], float]:
         def run() -> float:
-            model.set_fused_attention(fused)
+            model.set_attention_path(path)
+            model.train(train)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(steps):
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
+                if train:
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(x), y).backward()
+                    opt.step()
+                else:
+                    with torch.no_grad():
+                        model(x)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             return batch * steps / (time.perf_counter() - t0)
         return run
 
-    rates = _interleaved({"sdpa": arm(True), "math": arm(False)}, rounds)
-    return {"device": str(dev), "img_per_s": rates, "sdpa_over_math": rates["sdpa"] / rates["math"]}
+    train = _interleaved({p: arm(p, True) for p in ("auto", "sdpa", "math")}, rounds)
+    infer = _interleaved({p: arm(p, False) for p in ("auto", "math")}, rounds)
+    model.set_attention_path("auto")
+    return {"device": str(dev), "train_img_per_s": train, "infer_img_per_s": infer,
+            "train_auto_over_math": train["auto"] / train["math"],
+            "train_sdpa_over_math": train["sdpa"] / train["math"],
+            "infer_auto_over_math": infer["auto"] / infer["math"]}
 
 
 def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
     """One training epoch of the tiny base on the built-in data: in-memory tensor pipeline vs a torchvision
-    DataLoader with per-sample PIL transforms (crop + flip + ToTensor + Normalize, 2 workers)."""
+    DataLoader with per-sample PIL transforms (crop + flip + ToTensor + Normalize, 2 workers). Also the pipelines
+    alone (batches produced, no model), which is what the fast path changes."""
     from torchvision import transforms as T
 
     dev = pick_device(device)
@@ -68,17 +82,122 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
                            T.Normalize(data.mean, data.std)])
     pil_batches = pil_loader(data.train, transform, 128, shuffle=True, workers=2, seed=0)
 
-    def arm(batches) -> Callable[[], float]:
+    def arm(batches, train: bool) -> Callable[[], float]:
         def run() -> float:
             t0 = time.perf_counter()
             for xb, yb in batches:
                 xb, yb = xb.to(dev), yb.to(dev)
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(xb), yb).backward()
-                opt.step()
+                if train:
+                    opt.zero_grad(set_to_none=True)
+                    F.cross_entropy(model(xb), yb).backward()
+                    opt.step()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
             return time.perf_counter() - t0
         return run
 
-    times = _interleaved({"in_memory": arm(tensor_batches), "dataloader": arm(pil_batches)}, rounds)
-    return {"device": str(dev), "epoch_s": times, "speedup": times["dataloader"] / times["in_memory"],
+    epoch = _interleaved({"in_memory": arm(tensor_batches, True), "dataloader": arm(pil_batches, True)}, rounds)
+    alone = _interleaved({"in_memory": arm(tensor_batches, False), "dataloader": arm(pil_batches, False)}, rounds)
+    return {"device": str(dev), "epoch_s": epoch, "speedup": epoch["dataloader"] / epoch["in_memory"],
+            "pipeline_s": alone, "pipeline_speedup": alone["dataloader"] / alone["in_memory"],
             "images": len(data.train)}
+
+
+def _briefly_trained(placement: str, base: str, data, epochs: int, device: torch.device) -> torch.nn.Module:
+    """Curvature of a freshly initialised net is atypical; a few in-memory epochs give a realistic one."""
+    model = build_model(placement, base, num_classes=data.num_classes, image_size=32).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = TensorLoader(data.train, 128, mean=data.mean, std=data.std, device=device, shuffle=True,
+                           crop_padding=4, flip=True)
+    model.train()
+    for _ in range(epochs):
+        for xb, yb in batches:
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+    return model.eval()
+
+
+def hessian_vs_pyhessian(rounds: int = 2, batches: int = 4, batch: int = 64, tol: float = 1e-3,
+                         train_epochs: int = 2, device: str | None = None) -> dict:
+    """Time to the top (largest-magnitude) Hessian eigenvalue at relative tolerance ``tol``, over ``batches``
+    mini-batches as the paper's spectrum loop does: our Lanczos (``hessian_eigenvalues``) vs PyHessian 0.1's power
+    iteration, same model, batches and loss (NLL, no L2), both on the double-differentiable attention path.
+    Errors are relative to ARPACK's value converged to 1e-10 (another solver than ours)."""
+    try:
+        from pyhessian import hessian as PyHessian
+    except ImportError:
+        raise ConfigError("the Hessian benchmark compares against PyHessian 0.1, a peer, not a dependency: "
+                          "pip install pyhessian==0.1") from None
+    from scipy.sparse.linalg import eigsh
+
+    from alternas.diagnostics.hessian import HessianOperator, hessian_eigenvalues, twice_differentiable
+
+    dev = pick_device(device)
+    data = load_data(DataConfig("shapes", subset=4000))
+    model = _briefly_trained("CC,CM,CM,CM", "tiny", data, train_epochs, dev)
+    loader = iter(TensorLoader(data.val, batch, mean=data.mean, std=data.std, device=dev))
+    pairs = [next(loader) for _ in range(batches)]
+    references = []
+    with twice_differentiable(model):
+        for x, y in pairs:
+            operator = HessianOperator(model, x, y).as_linear_operator()
+            references.append(float(eigsh(operator, k=1, which="LM", tol=1e-10, return_eigenvectors=False)[0]))
+    found: dict[str, list[float]] = {"alternas": [], "pyhessian": []}
+    seeds = iter(range(10**6))
+
+    def ours() -> float:
+        found["alternas"] = []
+        t0 = time.perf_counter()
+        for x, y in pairs:
+            found["alternas"].append(hessian_eigenvalues(model, x, y, k=1, which="LM", tol=tol)[0])
+        return time.perf_counter() - t0
+
+    def theirs() -> float:
+        found["pyhessian"] = []
+        elapsed = 0.0
+        for x, y in pairs:
+            torch.manual_seed(next(seeds))
+            model.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad
+            with twice_differentiable(model):
+                t0 = time.perf_counter()
+                top, _ = PyHessian(model, F.cross_entropy, data=(x, y), cuda=dev.type == "cuda").eigenvalues(
+                    maxIter=100, tol=tol, top_n=1)
+                elapsed += time.perf_counter() - t0
+            found["pyhessian"].append(float(top[0]))
+        model.zero_grad(set_to_none=True)
+        return elapsed
+
+    times = _interleaved({"alternas": ours, "pyhessian": theirs}, rounds)
+    errors = {k: [abs(v - r) / abs(r) for v, r in zip(vals, references)] for k, vals in found.items()}
+    return {"device": str(dev), "params": sum(p.numel() for p in model.parameters()), "batch": batch,
+            "batches": batches, "references": references, "seconds": times,
+            "median_error": {k: statistics.median(v) for k, v in errors.items()},
+            "max_error": {k: max(v) for k, v in errors.items()},
+            "time_ratio": times["alternas"] / times["pyhessian"]}
+
+
+def fourier_vs_forward(rounds: int = 5, batch: int = 64, device: str | None = None) -> dict:
+    """The whole Fourier + variance profile (hooks, one pass, FFT per unit) vs a plain forward of the same batch,
+    on the paper's CIFAR-100 AlterNet-50."""
+    from alternas.diagnostics.features import feature_profile
+
+    dev = pick_device(device)
+    model = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32).to(dev).eval()
+    x = torch.randn(batch, 3, 32, 32, device=dev)
+
+    def timed(fn: Callable[[], object]) -> Callable[[], float]:
+        def run() -> float:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - t0
+        return run
+
+    times = _interleaved({"profile": timed(lambda: feature_profile(model, x)), "forward": timed(lambda: model(x))},
+                         rounds)
+    return {"device": str(dev), "batch": batch, "seconds": times, "ratio": times["profile"] / times["forward"]}

@@ -456,21 +456,47 @@ def report(study_dir: str, storage: str | None) -> None:
     click.echo(f"wrote {build_report(study_dir, storage=storage)}")
 
 
+BENCHMARKS = ("attention", "pipeline", "hessian", "fourier")
+
+
 @main.command()
+@click.argument("which", nargs=-1, type=click.Choice(BENCHMARKS))
 @click.option("--device", default=None)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
-def bench(device: str | None, rounds: int) -> None:
-    """Speed, side by side in one run: SDPA vs plain attention, in-memory vs DataLoader pipeline."""
-    from alternas.bench import attention_throughput, pipeline_epoch_time
+def bench(which: tuple[str, ...], device: str | None, rounds: int) -> None:
+    """Speed, arms interleaved in one run: SDPA vs plain attention, in-memory vs DataLoader pipeline, Lanczos vs
+    PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward. Default: all of them."""
+    from alternas import bench as b
 
-    att = attention_throughput(rounds=rounds, device=device)
-    click.echo(f"AlterNet-50 CIFAR-100, 32 px, batch 32, train step on {att['device']}: "
-               f"SDPA {att['img_per_s']['sdpa']:.1f} img/s, plain {att['img_per_s']['math']:.1f} img/s "
-               f"-> SDPA/plain = {att['sdpa_over_math']:.2f}x")
-    pipe = pipeline_epoch_time(rounds=max(1, rounds - 1), device=device)
-    click.echo(f"tiny base, shapes ({pipe['images']} images), one epoch on {pipe['device']}: in-memory "
-               f"{pipe['epoch_s']['in_memory']:.2f} s, DataLoader+PIL {pipe['epoch_s']['dataloader']:.2f} s "
-               f"-> {pipe['speedup']:.2f}x faster")
+    for name in which or BENCHMARKS:
+        if name == "attention":
+            r = b.attention_throughput(rounds=rounds, device=device)
+            tr, inf = r["train_img_per_s"], r["infer_img_per_s"]
+            click.echo(f"attention: AlterNet-50 CIFAR-100, 32 px, batch 32 on {r['device']}: train img/s default "
+                       f"{tr['auto']:.1f}, SDPA forced {tr['sdpa']:.1f}, plain {tr['math']:.1f} -> default/plain "
+                       f"{r['train_auto_over_math']:.2f}x, SDPA/plain {r['train_sdpa_over_math']:.2f}x; inference "
+                       f"img/s default {inf['auto']:.1f}, plain {inf['math']:.1f} -> {r['infer_auto_over_math']:.2f}x")
+        elif name == "pipeline":
+            r = b.pipeline_epoch_time(rounds=max(1, rounds - 1), device=device)
+            click.echo(f"pipeline: tiny base, shapes ({r['images']} images) on {r['device']}: one training epoch "
+                       f"in-memory {r['epoch_s']['in_memory']:.2f} s, DataLoader+PIL "
+                       f"{r['epoch_s']['dataloader']:.2f} s "
+                       f"-> {r['speedup']:.2f}x faster; the pipelines alone (no model) "
+                       f"{r['pipeline_s']['in_memory']:.3f} s vs {r['pipeline_s']['dataloader']:.3f} s "
+                       f"-> {r['pipeline_speedup']:.1f}x")
+        elif name == "hessian":
+            r = b.hessian_vs_pyhessian(rounds=rounds, device=device)
+            med, worst = r["median_error"], r["max_error"]
+            click.echo(f"hessian: top eigenvalue at tol 1e-3 on {r['batches']} batches of {r['batch']}, tiny AlterNet "
+                       f"({r['params']:,} params) on {r['device']}: Lanczos {r['seconds']['alternas']:.2f} s "
+                       f"(rel. error median {med['alternas']:.1e}, max {worst['alternas']:.1e}), PyHessian power "
+                       f"iteration {r['seconds']['pyhessian']:.2f} s (median {med['pyhessian']:.1e}, max "
+                       f"{worst['pyhessian']:.1e}) -> time ratio {r['time_ratio']:.2f}x")
+        else:
+            r = b.fourier_vs_forward(rounds=rounds + 2, device=device)
+            click.echo(f"fourier: AlterNet-50 CIFAR-100, batch {r['batch']} on {r['device']}: Fourier+variance "
+                       f"profile {r['seconds']['profile']:.3f} s, forward {r['seconds']['forward']:.3f} s "
+                       f"-> {r['ratio']:.2f}x a forward pass")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from torch.func import functional_call
 
 from alternas.data import DataConfig, load_data
 from alternas.diagnostics import DiagnosticsConfig, diagnose, fourier_profile, hessian_eigenvalues, hutchinson_trace
-from alternas.diagnostics.hessian import HessianOperator, hessian_spectrum, twice_differentiable
+from alternas.diagnostics.hessian import HessianOperator, hessian_spectrum, lanczos, twice_differentiable
 from alternas.diagnostics.landscape import loss_landscape
 from alternas.diagnostics.robustness import band_limited_noise, band_mask, lesion_study
 from alternas.models import Base, BlockInfo, build_model, register_base
-from alternas.models.blocks import WindowAttention
+from alternas.models.blocks import WindowAttention, attention_path
 from alternas.train import get_recipe
 from alternas.train.run import model_for
 
@@ -49,9 +49,8 @@ def _dense_hessian(model, x, y, weight_decay):
         return nn.functional.cross_entropy(logits, y) + 0.5 * weight_decay * flat.pow(2).sum()
 
     model.eval()
-    model.set_fused_attention(False)
-    dense = torch.autograd.functional.hessian(loss, flat0)
-    model.set_fused_attention(True)
+    with attention_path(model, "math"):
+        dense = torch.autograd.functional.hessian(loss, flat0)
     return torch.linalg.eigvalsh(dense)
 
 
@@ -76,7 +75,7 @@ def test_forward_over_reverse_hvp_equals_double_backward() -> None:
         a = HessianOperator(model, x, y, 0.05, "reverse").hvp(v)
         b = HessianOperator(model, x, y, 0.05, "forward").hvp(v)
     assert torch.allclose(a, b, rtol=1e-8, atol=1e-10)
-    assert all(m.fused for m in model.modules() if isinstance(m, WindowAttention))  # restored afterwards
+    assert all(m.path == "auto" for m in model.modules() if isinstance(m, WindowAttention))  # restored afterwards
 
 
 def test_hutchinson_trace_estimates_the_dense_trace() -> None:
@@ -212,3 +211,25 @@ def test_diagnose_cli_runs_on_a_checkpoint_and_reports_errors(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "alternas", "diagnose", str(tmp_path / "nope")], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
+
+
+def test_lanczos_stops_on_its_error_bound_and_keeps_to_the_budget() -> None:
+    gen = torch.Generator().manual_seed(0)
+    spectrum = torch.cat([torch.tensor([100.0, -40.0]), torch.rand(298, generator=gen) * 10]).double()
+    basis, _ = torch.linalg.qr(torch.randn(300, 300, generator=gen, dtype=torch.float64))
+    matrix = basis @ torch.diag(spectrum) @ basis.T
+    calls = []
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return matrix @ v
+
+    start = torch.randn(300, generator=gen, dtype=torch.float64)
+    values, done = lanczos(matvec, start, k=1, which="LM", tol=1e-6)
+    assert done and values[0] == pytest.approx(100.0, rel=1e-6)
+    assert len(calls) < 30  # a well-separated top needs few products, not the whole space
+    values, done = lanczos(matvec, start, k=1, which="SA", tol=1e-6)
+    assert done and values[0] == pytest.approx(-40.0, rel=1e-6)
+    calls.clear()
+    values, done = lanczos(matvec, start, k=5, which="LA", tol=1e-12, max_matvecs=6)
+    assert not done and len(calls) == 6 and len(values) < 5

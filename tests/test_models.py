@@ -56,10 +56,29 @@ def test_sdpa_path_equals_math_path() -> None:
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         fused = model(x)
-        model.set_fused_attention(False)
+        model.set_attention_path("math")
         plain = model(x)
     assert torch.allclose(fused, plain, atol=1e-5, rtol=1e-5)
-    assert all(not m.fused for m in model.modules() if isinstance(m, WindowAttention))
+    assert all(m.path == "math" for m in model.modules() if isinstance(m, WindowAttention))
+
+
+def _attention_kernels(model: torch.nn.Module, x: torch.Tensor) -> set[str]:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        model(x).sum().backward() if torch.is_grad_enabled() else model(x)
+    return {e.key for e in prof.key_averages() if "attention" in e.key}
+
+
+def test_auto_attention_path_uses_sdpa_only_where_it_has_a_fused_kernel() -> None:
+    model = build_model("CC,CC,CC,CM", "tiny", num_classes=10, image_size=32)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():  # CPU inference: the fused flash kernel
+        assert "aten::_scaled_dot_product_flash_attention_for_cpu" in _attention_kernels(model, x)
+    # CPU training: SDPA would fall back to its composite math kernel for the bias gradient; auto avoids SDPA
+    assert not any("scaled_dot_product" in k for k in _attention_kernels(model, x))
+    model.set_attention_path("sdpa")
+    assert "aten::_scaled_dot_product_attention_math" in _attention_kernels(model, x)
 
 
 def test_window_attention_matches_a_direct_per_window_computation() -> None:
@@ -119,8 +138,11 @@ def test_flops_match_a_hand_count_for_a_conv_block() -> None:
 def test_flops_count_attention_whichever_kernel_runs() -> None:
     model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32)
     fused = count_flops(model)
-    model.set_fused_attention(False)
+    model.set_attention_path("math")
     assert count_flops(model) == fused
+    assert model.stages[3][1].attn.path == "math"
+    model.set_attention_path("sdpa")
+    assert count_flops(model) == fused and model.stages[3][1].attn.path == "sdpa"  # counted on math, restored
     with_attention = fused - count_flops(build_model("CC,CC,CC,CC", "tiny", num_classes=10, image_size=32))
     assert with_attention != 0
 

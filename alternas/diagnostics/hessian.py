@@ -3,13 +3,14 @@ batch-wise "max eigenvalue spectrum" (PAPER.md §5.1).
 
 The loss is the one the paper prescribes: NLL on *augmented* batches (soft Mixup/CutMix targets allowed) plus the
 L2 term ``(wd/2)·‖θ‖²``, with the model in eval mode (BN uses running statistics). Hessian-vector products come
-from autograd; attention runs on its math path, which is twice differentiable. Eigenvalues come from scipy's
-``eigsh`` (implicitly restarted Lanczos) on a ``LinearOperator`` — not a hand-rolled power iteration.
+from autograd; attention runs on its math path, which is twice differentiable. Eigenvalues come from Lanczos
+with full reorthogonalisation that stops on the Ritz residuals (see ``lanczos``: LAPACK solves the small
+tridiagonal problems) — not a power iteration.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
@@ -17,7 +18,8 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+from scipy.linalg import eigh_tridiagonal
+from scipy.sparse.linalg import LinearOperator
 from torch.func import functional_call, grad, jvp
 
 HvpMethod = Literal["reverse", "forward"]
@@ -45,19 +47,14 @@ def training_loss(
 @contextmanager
 def twice_differentiable(model: torch.nn.Module):
     """Eval mode (BN running stats, no drop path) and math-path attention, restored afterwards."""
-    from alternas.models.blocks import WindowAttention
+    from alternas.models.blocks import attention_path
 
-    attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
-    fused = [m.fused for m in attns]
     was_training = model.training
     model.eval()
-    for m in attns:
-        m.fused = False
     try:
-        yield model
+        with attention_path(model, "math"):
+            yield model
     finally:
-        for m, state in zip(attns, fused):
-            m.fused = state
         model.train(was_training)
 
 
@@ -85,6 +82,15 @@ class HessianOperator:
         elif method != "forward":
             raise ValueError(f"unknown Hessian-vector product method {method!r}")
 
+    def gradient(self) -> torch.Tensor:
+        """The loss gradient as a flat vector (a good Lanczos start: see ``hessian_eigenvalues``)."""
+        if self.method == "reverse":
+            grads = self._grads
+        else:
+            grads = torch.autograd.grad(training_loss(self.model, self.inputs, self.targets, self.weight_decay),
+                                        self.params)
+        return torch.cat([g.reshape(-1) for g in grads]).detach()
+
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
         return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
@@ -93,8 +99,7 @@ class HessianOperator:
         self.matvecs += 1
         parts = self._split(vector.to(self.device, self.dtype))
         if self.method == "reverse":
-            dot = sum((g * v).sum() for g, v in zip(self._grads, parts))
-            out = torch.autograd.grad(dot, self.params, retain_graph=True)
+            out = torch.autograd.grad(self._grads, self.params, grad_outputs=parts, retain_graph=True)
         else:
             buffers = dict(self.model.named_buffers())
 
@@ -118,6 +123,63 @@ class HessianOperator:
         return LinearOperator((self.size, self.size), matvec=matvec, dtype=np.float64)
 
 
+def lanczos(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    start: torch.Tensor,
+    k: int = 1,
+    which: Literal["LA", "SA", "LM"] = "LA",
+    tol: float = 1e-3,
+    max_matvecs: int | None = None,
+) -> tuple[list[float], bool]:
+    """Extreme eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    After every product the Ritz values of the tridiagonal matrix come from LAPACK (``eigh_tridiagonal``) together
+    with their residual norms ``r = |β_j·s_j|``, available at no extra product. The iteration stops as soon as the
+    ``k`` wanted Ritz values θ each have an error bound ≤ ``tol``·|θ|: the bound is min(r, r²/gap) (Parlett, *The
+    Symmetric Eigenvalue Problem*, §11.7), the gap estimated from the other Ritz values. ARPACK (``eigsh``) checks
+    only after filling its whole Krylov space (at least ``ncv`` products, several times more than one
+    well-separated extreme eigenvalue needs); a power iteration needs many more where the top of the spectrum is
+    crowded, and its stopping rule (a small change between iterations) bounds nothing.
+    Returns the converged wanted values and whether all ``k`` converged within ``max_matvecs``.
+    """
+    n = start.numel()
+    limit = min(n, max_matvecs or n)
+    basis = torch.empty(min(limit, 8), n, dtype=start.dtype, device=start.device)  # grows by doubling
+    basis[0] = start / start.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    wanted: list[float] = []
+    for j in range(limit):
+        w = matvec(basis[j])
+        active = basis[: j + 1]
+        coeffs = active @ w
+        alphas.append(float(coeffs[j]))
+        w = w - coeffs @ active
+        w = w - (active @ w) @ active  # twice is enough (Kahan–Parlett)
+        beta = float(w.norm())
+        if j:
+            values, vectors = eigh_tridiagonal(np.array(alphas), np.array(betas))
+        else:
+            values, vectors = np.array(alphas), np.ones((1, 1))
+        order = {"LA": np.argsort(-values), "SA": np.argsort(values), "LM": np.argsort(-np.abs(values))}[which][:k]
+        residuals = beta * np.abs(vectors[-1, order])
+        errors = residuals  # |λ - θ| ≤ r, and ≤ r²/gap (gap to the rest of the spectrum, estimated by Ritz values)
+        if len(values) > 1:
+            gaps = np.array([np.abs(np.delete(values, i) - values[i]).min() for i in order])
+            errors = np.minimum(residuals, residuals**2 / np.maximum(gaps, 1e-300))
+        converged = errors <= tol * np.abs(values[order])
+        wanted = [float(v) for v, ok in zip(values[order], converged) if ok]
+        exhausted = beta <= 1e-10 * max(np.abs(values).max(), 1e-30)  # invariant subspace: the values are exact
+        if (len(order) == k and converged.all()) or exhausted:
+            return [float(v) for v in values[order]], len(order) == k
+        if j + 1 == basis.shape[0] and j + 1 < limit:
+            basis = torch.cat([basis, torch.empty_like(basis[: min(basis.shape[0], limit - j - 1)])])
+        if j + 1 < limit:
+            betas.append(beta)
+            basis[j + 1] = w / beta
+    return wanted, False
+
+
 def hessian_eigenvalues(
     model: torch.nn.Module,
     inputs: torch.Tensor,
@@ -126,8 +188,8 @@ def hessian_eigenvalues(
     which: Literal["LA", "SA", "LM"] = "LA",
     weight_decay: float = 0.0,
     tol: float = 1e-3,
-    maxiter: int | None = None,
     method: HvpMethod = "reverse",
+    start: Literal["gradient", "random"] = "gradient",
     seed: int = 0,
     max_matvecs: int | None = None,
 ) -> list[float]:
@@ -135,21 +197,19 @@ def hessian_eigenvalues(
 
     "LA": largest algebraic (sorted descending); "SA": smallest, i.e. most negative (ascending); "LM": largest
     magnitude (descending by |λ|), what the power iteration of PyHessian — and so the paper — returns.
-    ``tol`` is eigsh's relative accuracy. ``max_matvecs`` bounds the cost (Hessian-vector products, roughly):
-    when it runs out, only the eigenvalues that converged are returned (possibly none).
+    ``tol``: relative error bound of each value (see ``lanczos``). The Krylov space starts from the loss gradient
+    (``start="gradient"``), which lies mostly in the top eigenspace of a trained net's Hessian (Gur-Ari et al.
+    2018), so the top eigenvalue converges in a few products; ``"random"`` starts from a seeded Gaussian vector.
+    ``max_matvecs`` bounds the cost (Hessian-vector products): when it runs out, only the eigenvalues that
+    converged are returned (possibly none).
     """
     with twice_differentiable(model):
         op = HessianOperator(model, inputs, targets, weight_decay, method)
-        start = np.random.default_rng(seed).standard_normal(op.size)
-        ncv = min(op.size - 1, max(2 * k + 1, 20))
-        if max_matvecs is not None:
-            maxiter = max(1, max_matvecs // ncv)
-        try:
-            values = eigsh(op.as_linear_operator(), k=k, which=which, tol=tol, maxiter=maxiter, ncv=ncv, v0=start,
-                           return_eigenvectors=False)
-        except ArpackNoConvergence as err:
-            values = err.eigenvalues
-    values = [float(v) for v in values]
+        vector = op.gradient() if start == "gradient" else None
+        if vector is None or not torch.isfinite(vector).all() or float(vector.norm()) == 0.0:
+            gen = torch.Generator().manual_seed(seed)
+            vector = torch.randn(op.size, generator=gen, dtype=torch.float64).to(op.device, op.dtype)
+        values, _ = lanczos(op.hvp, vector, k=k, which=which, tol=tol, max_matvecs=max_matvecs)
     if which == "SA":
         return sorted(values)
     if which == "LM":

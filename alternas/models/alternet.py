@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from alternas.models.bases import Base, get_base
-from alternas.models.blocks import CONV_BLOCKS, MSABlock, WindowAttention
+from alternas.models.blocks import CONV_BLOCKS, AttentionPath, MSABlock, WindowAttention, attention_path
 from alternas.placement import Placement, feature_sizes, validate_for_model
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -197,11 +197,11 @@ class AlterNet(nn.Module):
         modules = [self.stem] + [block for stage in self.stages for block in stage]
         return zip(self.block_infos, modules, strict=True)
 
-    def set_fused_attention(self, enabled: bool) -> None:
-        """Switch every MSA between ``scaled_dot_product_attention`` and the twice-differentiable math path."""
+    def set_attention_path(self, path: AttentionPath) -> None:
+        """Run every MSA on ``path``: "auto" (SDPA where it has a fused kernel), "sdpa" or "math"."""
         for module in self.modules():
             if isinstance(module, WindowAttention):
-                module.fused = enabled
+                module.path = path
 
 
 def build_model(
@@ -234,15 +234,11 @@ def count_flops(model: AlterNet) -> int:
     Attention is counted on the math path: not every backend's fused SDPA kernel is known to the counter.
     """
     was_training = model.training
-    fused = [m.fused for m in model.modules() if isinstance(m, WindowAttention)]
     model.eval()
-    model.set_fused_attention(False)
     param = next(model.parameters())
     x = torch.zeros(1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), attention_path(model, "math"), counter:
         model(x)
     model.train(was_training)
-    for module, state in zip((m for m in model.modules() if isinstance(m, WindowAttention)), fused):
-        module.fused = state
     return int(counter.get_total_flops())

@@ -6,6 +6,10 @@ block changes shape) takes the pre-activated input. Stochastic depth drops the r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -92,6 +96,28 @@ def relative_position_index(window_size: int) -> torch.Tensor:
     return rel[..., 0] * (2 * p - 1) + rel[..., 1]
 
 
+AttentionPath = Literal["auto", "sdpa", "math"]
+
+
+def _sdpa_is_fused(q: torch.Tensor, bias: torch.Tensor) -> bool:
+    """Whether SDPA runs a fused kernel here (see ``WindowAttention``): anywhere but in CPU training of the bias."""
+    return q.device.type != "cpu" or not (torch.is_grad_enabled() and bias.requires_grad)
+
+
+@contextmanager
+def attention_path(model: nn.Module, path: AttentionPath) -> Iterator[nn.Module]:
+    """Run every MSA of ``model`` on ``path`` inside the block, restoring each one's own path afterwards."""
+    attns = [m for m in model.modules() if isinstance(m, WindowAttention)]
+    before = [m.path for m in attns]
+    for m in attns:
+        m.path = path
+    try:
+        yield model
+    finally:
+        for m, state in zip(attns, before):
+            m.path = state
+
+
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside non-overlapping p x p windows (no shift), no FFN.
 
@@ -99,8 +125,12 @@ class WindowAttention(nn.Module):
     values come from one fused 1x1 conv (the reference's ``to_q`` and ``to_kv`` with k=1, same parameter count);
     the output projection is a 1x1 conv with bias.
 
-    ``fused=True`` runs ``scaled_dot_product_attention``; ``fused=False`` the plain math, which is twice
-    differentiable everywhere (Hessian-vector products need that).
+    ``path`` picks the kernel. ``"auto"`` (default) runs ``scaled_dot_product_attention`` wherever PyTorch has a
+    fused kernel for it: on CUDA, and on the CPU when no gradient flows to the bias (inference, diagnostics).
+    PyTorch's CPU flash kernel cannot return the gradient of an additive mask, so in CPU training SDPA falls back
+    to its composite math kernel, no faster than the plain path (``alternas bench attention`` measures both);
+    there "auto" takes the plain path. ``"sdpa"`` always calls SDPA; ``"math"`` always runs the plain
+    math, which is twice differentiable (Hessian-vector products need that).
     """
 
     def __init__(self, c_in: int, c_out: int, heads: int, dim_head: int, window_size: int) -> None:
@@ -112,7 +142,7 @@ class WindowAttention(nn.Module):
         self.relative_position_bias = nn.Parameter(torch.empty(2 * window_size - 1, 2 * window_size - 1))
         nn.init.normal_(self.relative_position_bias, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(window_size), persistent=False)
-        self.fused = True
+        self.path: AttentionPath = "auto"
 
     def position_bias(self) -> torch.Tensor:
         """The (p², p²) additive bias on the attention logits."""
@@ -126,7 +156,9 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).reshape(b, 3, nh, dh, n1, p, n2, p)
         q, k, v = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * n1 * n2, nh, p * p, dh).unbind(0)
         bias = self.position_bias().to(q.dtype)
-        if self.fused:
+        if self.path == "sdpa" or self.path == "auto" and _sdpa_is_fused(q, bias):
+            # fused kernels want the head dim contiguous; from an NCHW conv output it is strided by h·w
+            q, k, v = (t.contiguous() for t in (q, k, v))
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         else:
             logits = (q @ k.transpose(-2, -1)) * dh**-0.5 + bias
