@@ -105,7 +105,9 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
 
 
 def _briefly_trained(placement: str, base: str, data, epochs: int, device: torch.device) -> torch.nn.Module:
-    """Curvature of a freshly initialised net is atypical; a few in-memory epochs give a realistic one."""
+    """Curvature of a freshly initialised net is atypical; a few in-memory epochs give a realistic one (seeded, so
+    every run of the benchmark measures the same model)."""
+    torch.manual_seed(0)
     model = build_model(placement, base, num_classes=data.num_classes, image_size=32).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     batches = TensorLoader(data.train, 128, mean=data.mean, std=data.std, device=device, shuffle=True,
