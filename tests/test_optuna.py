@@ -2,8 +2,10 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
@@ -11,6 +13,7 @@ from optuna.trial import TrialState
 
 from alternas.errors import ConfigError
 from alternas.placement import Placement
+from alternas.report.html import _importances
 from alternas.search import study_from_dict
 from alternas.search.optuna_search import load_optuna_study, redact, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
@@ -98,6 +101,25 @@ def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None
     attached = _dashboard_figures(Path(config.output_dir) / "optuna.journal")
     assert len(attached) == page.read_text().count('class="plotly-graph-div"') >= 5
     assert all(json.loads(a["graph_object"])["data"] for a in attached)
+
+
+def test_multi_objective_importances_follow_each_objectives_direction() -> None:
+    """High accuracy comes only from x (x > 0.8), low accuracy is decided by y: x must rank first for `acc`
+    (maximised), which Optuna's evaluator gets backwards unless the report negates the target."""
+    dist = optuna.distributions.FloatDistribution(0, 1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        x, y = rng.random(2)
+        acc = 90 + 10 * x if x > 0.8 else 50 * y
+        study.add_trial(optuna.trial.create_trial(params={"x": x, "y": y}, distributions={"x": dist, "y": dist},
+                                                  values=[acc, y]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the evaluator's direction warning is answered, not leaked
+        (acc_figure,) = _importances(study, 0, "acc")
+        (params_figure,) = _importances(study, 1, "params")
+    assert acc_figure.data[0].y[-1] == "x"  # plotly bars run from least to most important
+    assert params_figure.data[0].y[-1] == "y"
 
 
 def _dashboard_figures(journal: Path) -> list[dict]:

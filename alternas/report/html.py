@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import html
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -131,12 +132,11 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
         figs.append(vis.plot_optimization_history(study, target_name=names[0]))
         reverse = OBJECTIVES.get(names[0], ("", "maximize"))[1] == "maximize"
         ranked = sorted(complete, key=lambda t: t.value, reverse=reverse)
-    targets = [(lambda t, i=i: t.values[i], n) for i, n in enumerate(names)] if multi else [(None, names[0])]
-    for target, name in targets:
-        figs.append(vis.plot_parallel_coordinate(study, target=target, target_name=name))
+    for i, name in enumerate(names):
+        figs.append(vis.plot_parallel_coordinate(study, target=(lambda t, i=i: t.values[i]) if multi else None,
+                                                 target_name=name))
         if len(complete) >= 2:
-            with contextlib.suppress(RuntimeError, ValueError):  # too few distinct trials for importances yet
-                figs.append(vis.plot_param_importances(study, target=target, target_name=name))
+            figs.extend(_importances(study, i if multi else None, name))
     top = ranked[: max(3, len(ranked) // 4)]
     figs.append(placement_heatmap([t.user_attrs["placement"] for t in top],
                                   f"MSA placement among the top {len(top)} trials"))
@@ -149,6 +149,22 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
         figs += diagnostic_figures(diag)
     _attach_to_dashboard(study, figs)
     return figs, intro
+
+
+def _importances(study: Any, objective: int | None, name: str) -> list[go.Figure]:
+    """Optuna's parameter-importance figure for one objective. Its default evaluator (PED-ANOVA) ranks parameters by
+    how they reach *low* values of a custom target, so a maximised objective of a multi-objective study is passed
+    negated; the warning that says so is then answered and silenced."""
+    import optuna
+
+    target = None
+    if objective is not None:
+        sign = -1.0 if study.directions[objective] == optuna.study.StudyDirection.MAXIMIZE else 1.0
+        target = lambda t: sign * t.values[objective]  # noqa: E731
+    with warnings.catch_warnings(), contextlib.suppress(RuntimeError, ValueError):  # too few distinct trials yet
+        warnings.filterwarnings("ignore", message=".*computes the importances of params to achieve low")
+        return [optuna.visualization.plot_param_importances(study, target=target, target_name=name)]
+    return []
 
 
 def _attach_to_dashboard(study: Any, figs: list[go.Figure]) -> None:
