@@ -13,7 +13,7 @@ from alternas.errors import ConfigError, StudyLockedError
 from alternas.placement import Placement
 from alternas.search import BuildupPolicy, Evaluator, StudyFolder, load_study, run_buildup, study_from_dict
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate
+from tests.helpers import kill_mid_candidate, run_cli
 
 PAPER_CIFAR100 = {  # PAPER.md §3.3, in the order the authors evaluated them
     "CCC,CCCC,CCCCCC,CCCC": (82.48, "start"),
@@ -107,8 +107,7 @@ def test_study_file_errors_name_the_key(tmp_path, change: dict, fragment: str) -
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")) as err:
         load_study(path)
     assert str(path) in str(err.value)
-    res = subprocess.run([sys.executable, "-m", "alternas", "buildup", "--study", str(path)], capture_output=True,
-                         text=True, timeout=120)
+    res = run_cli("buildup", "--study", str(path))
     assert res.returncode == 2 and fragment in res.stderr and "Traceback" not in res.stderr
 
 
@@ -164,8 +163,8 @@ def test_second_process_on_the_same_study_is_refused(tmp_path) -> None:
 
 
 def test_resume_after_kill_reuses_finished_candidates_and_the_interrupted_epochs(tmp_path) -> None:
-    raw = _study(tmp_path, data={"subset": 1200}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
-                 buildup={"max_candidates": 3})
+    raw = _study(tmp_path, data={"subset": 600}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
+                 buildup={"max_candidates": 2})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet"]
@@ -181,15 +180,14 @@ def test_resume_after_kill_reuses_finished_candidates_and_the_interrupted_epochs
     history = json.loads((victim / "metrics.json").read_text())["history"]
     assert len(history) == 4 and history[: len(epochs_before)] == epochs_before  # resumed, not restarted
     trajectory = json.loads((tmp_path / "study" / "trajectory.json").read_text())
-    assert len(trajectory["steps"]) == 3
+    assert len(trajectory["steps"]) == 2
 
 
 def test_report_and_export_of_the_best_candidate(tmp_path) -> None:
     config = study_from_dict(_study(tmp_path, seeds=[0, 1]))
     outcome = run_buildup(config, quiet=True, log=lambda _: None)
     root = Path(config.output_dir)
-    res = subprocess.run([sys.executable, "-m", "alternas", "report", str(root)], capture_output=True, text=True,
-                         timeout=300)
+    res = run_cli("report", str(root))
     assert res.returncode == 0, res.stderr
     page = (root / "report.html").read_text()
     assert "Build-up trajectory" in page and "Chosen architecture" in page and "Fourier analysis" in page
@@ -198,8 +196,7 @@ def test_report_and_export_of_the_best_candidate(tmp_path) -> None:
     results = Evaluator(config).all_results()
     assert len(results) == 6 and all(r.key in page for r in results)  # 3 placements x 2 seeds in the table
     out = tmp_path / "exported"
-    res = subprocess.run([sys.executable, "-m", "alternas", "export", "--study", str(root), "--best", "--out",
-                          str(out)], capture_output=True, text=True, timeout=300)
+    res = run_cli("export", "--study", str(root), "--best", "--out", str(out))
     assert res.returncode == 0, res.stderr
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     assert str(model.placement) == outcome.best

@@ -1,12 +1,11 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alternas", *args], capture_output=True, text=True, timeout=300)
+from tests.helpers import run_cli as run
 
 
 def test_arch_table_reports_params_and_flops() -> None:
@@ -41,3 +40,13 @@ def test_arch_errors_are_one_line_exit_2(args: list[str], fragment: str) -> None
     assert res.returncode == 2
     assert fragment in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_installed_console_script_errors_are_one_line_exit_2() -> None:
+    """The other CLI tests run the entry point in-process; this one runs the installed `alternas` script."""
+    script = Path(sys.executable).with_name("alternas")
+    res = subprocess.run([str(script), "arch", "CC,CX,CM,CM", "--base", "resnet18"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip() == ("alternas: error: placement 'CC,CX,CM,CM': unknown block letter 'X' at character 5"
+                                  " (stage 2); use C for a Conv block, M for an MSA block and ',' between stages")

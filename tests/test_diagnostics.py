@@ -1,7 +1,5 @@
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from alternas.models import Base, BlockInfo, build_model, register_base
 from alternas.models.blocks import WindowAttention, attention_path
 from alternas.train import get_recipe
 from alternas.train.run import model_for
+from tests.helpers import run_cli
 
 MICRO = Base("micro-test", "basic", (1, 1, 1, 1), widths=(3, 3, 3, 3), heads=(1, 1, 1, 1), dim_head=2,
              stem_width=3, description="a few hundred parameters: small enough for a dense Hessian")
@@ -201,15 +200,13 @@ def test_diagnose_cli_runs_on_a_checkpoint_and_reports_errors(tmp_path) -> None:
 
     model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32)
     save_file(model.state_dict(), tmp_path / "w.safetensors")
-    cmd = [sys.executable, "-m", "alternas", "diagnose", "--placement", "CC,CM,CM,CM", "--base", "tiny",
-           "--checkpoint", str(tmp_path / "w.safetensors"), "--data", "shapes", "--subset", "200", "--fourier",
-           "--json", "--out", str(tmp_path / "diag")]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    res = run_cli("diagnose", "--placement", "CC,CM,CM,CM", "--base", "tiny", "--checkpoint",
+                  str(tmp_path / "w.safetensors"), "--data", "shapes", "--subset", "200", "--fourier", "--json",
+                  "--out", str(tmp_path / "diag"))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert set(summary["delta_high"]) == {"c1", "c2", "c3", "c4"} and "lambda_max" not in summary
-    bad = subprocess.run([sys.executable, "-m", "alternas", "diagnose", str(tmp_path / "nope")], capture_output=True,
-                         text=True, timeout=300)
+    bad = run_cli("diagnose", str(tmp_path / "nope"))
     assert bad.returncode == 2 and "is not a run folder" in bad.stderr
 
 

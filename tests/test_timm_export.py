@@ -11,6 +11,7 @@ import alternas  # noqa: F401  (registers the timm entrypoints)
 from alternas.errors import ConfigError
 from alternas.models import build_model, count_parameters
 from alternas.models.timm_hub import export_to_timm
+from tests.helpers import run_cli
 
 
 def test_timm_lists_and_builds_the_presets() -> None:
@@ -52,15 +53,11 @@ def test_export_refuses_to_overwrite(tmp_path) -> None:
     export_to_timm(model, tmp_path, force=True)
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "alternas", *args], capture_output=True, text=True, timeout=300)
-
-
 def test_cli_export_with_checkpoint_loads_in_a_fresh_timm_process(tmp_path) -> None:
     model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32).eval()
     save_file(model.state_dict(), tmp_path / "weights.safetensors")
     out = tmp_path / "exp"
-    res = _cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "10", "--image-size",
+    res = run_cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "10", "--image-size",
                "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     torch.save(torch.randn(2, 3, 32, 32), tmp_path / "x.pt")
@@ -72,6 +69,6 @@ def test_cli_export_with_checkpoint_loads_in_a_fresh_timm_process(tmp_path) -> N
     with torch.no_grad():
         expected = model(torch.load(tmp_path / "x.pt", weights_only=True))
     assert torch.allclose(torch.load(tmp_path / "y.pt", weights_only=True), expected, atol=1e-6)
-    res = _cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "3", "--image-size",
+    res = run_cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "3", "--image-size",
                "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(tmp_path / "e2"))
     assert res.returncode == 2 and "does not fit this architecture" in res.stderr
