@@ -16,7 +16,7 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
-from alternas.train.fit import pick_device
+from alternas.train.fit import CHANNELS_LAST_DEVICES, pick_device
 
 
 def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -75,7 +75,8 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
 
     dev = pick_device(device)
     data = load_data(DataConfig("shapes"))
-    model = build_model("CC,CC,CC,CM", "tiny", num_classes=10, image_size=32).to(dev)
+    layout = _training_layout(dev)
+    model = build_model("CC,CC,CC,CM", "tiny", num_classes=10, image_size=32).to(dev, memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tensor_batches = TensorLoader(data.train, 128, mean=data.mean, std=data.std, device=dev, shuffle=True,
                                   crop_padding=4, flip=True)
@@ -87,7 +88,7 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
         def run() -> float:
             t0 = time.perf_counter()
             for xb, yb in batches:
-                xb, yb = xb.to(dev), yb.to(dev)
+                xb, yb = xb.to(dev, memory_format=layout), yb.to(dev)
                 if train:
                     opt.zero_grad(set_to_none=True)
                     F.cross_entropy(model(xb), yb).backward()
@@ -102,6 +103,47 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
     return {"device": str(dev), "epoch_s": epoch, "speedup": epoch["dataloader"] / epoch["in_memory"],
             "pipeline_s": alone, "pipeline_speedup": alone["dataloader"] / alone["in_memory"],
             "images": len(data.train)}
+
+
+def _training_layout(dev: torch.device) -> torch.memory_format:
+    """The memory format ``fit`` trains in on ``dev``, so that the benchmarks time what the searches run."""
+    return torch.channels_last if dev.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
+
+
+def layout_throughput(batch: int = 128, steps: int = 3, rounds: int = 5, device: str | None = None) -> dict:
+    """Training img/s in NCHW vs channels_last memory format, for the CPU-sized bases (`fit` trains channels_last
+    where it is faster: ``CHANNELS_LAST_DEVICES``)."""
+    dev = pick_device(device)
+    result: dict = {"device": str(dev), "batch": batch}
+    for base in ("tiny", "small"):
+        arms = {}
+        for name, layout in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            torch.manual_seed(0)
+            model = build_model("CC,CC,CC,CM", base, num_classes=10, image_size=32).to(dev, memory_format=layout)
+            x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=layout)
+            y = torch.randint(0, 10, (batch,), device=dev)
+            arms[name] = _train_steps(model, x, y, steps)
+        img_s = _interleaved(arms, rounds)
+        result[base] = {"img_per_s": img_s, "speedup": img_s["channels_last"] / img_s["nchw"]}
+    return result
+
+
+def _train_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> Callable[[], float]:
+    """A closure timing ``steps`` AdamW training steps on one batch; returns img/s."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def run() -> float:
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        return len(x) * steps / (time.perf_counter() - t0)
+    return run
 
 
 def _briefly_trained(placement: str, base: str, data, epochs: int, device: torch.device) -> torch.nn.Module:

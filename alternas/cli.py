@@ -456,7 +456,7 @@ def report(study_dir: str, storage: str | None) -> None:
     click.echo(f"wrote {build_report(study_dir, storage=storage)}")
 
 
-BENCHMARKS = ("attention", "pipeline", "hessian", "fourier")
+BENCHMARKS = ("attention", "layout", "pipeline", "hessian", "fourier")
 
 
 @main.command()
@@ -464,8 +464,9 @@ BENCHMARKS = ("attention", "pipeline", "hessian", "fourier")
 @click.option("--device", default=None)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 def bench(which: tuple[str, ...], device: str | None, rounds: int) -> None:
-    """Speed, arms interleaved in one run: SDPA vs plain attention, in-memory vs DataLoader pipeline, Lanczos vs
-    PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward. Default: all of them."""
+    """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
+    DataLoader pipeline, Lanczos vs PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward.
+    Default: all of them."""
     from alternas import bench as b
 
     for name in which or BENCHMARKS:
@@ -476,6 +477,12 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int) -> None:
                        f"{tr['auto']:.1f}, SDPA forced {tr['sdpa']:.1f}, plain {tr['math']:.1f} -> default/plain "
                        f"{r['train_auto_over_math']:.2f}x, SDPA/plain {r['train_sdpa_over_math']:.2f}x; inference "
                        f"img/s default {inf['auto']:.1f}, plain {inf['math']:.1f} -> {r['infer_auto_over_math']:.2f}x")
+        elif name == "layout":
+            r = b.layout_throughput(rounds=rounds + 2, device=device)
+            click.echo(f"layout: CC,CC,CC,CM training steps, batch {r['batch']} on {r['device']}: " + "; ".join(
+                f"{base} NCHW {r[base]['img_per_s']['nchw']:.0f} img/s, channels_last "
+                f"{r[base]['img_per_s']['channels_last']:.0f} img/s -> {r[base]['speedup']:.2f}x"
+                for base in ("tiny", "small")))
         elif name == "pipeline":
             r = b.pipeline_epoch_time(rounds=max(1, rounds - 1), device=device)
             click.echo(f"pipeline: tiny base, shapes ({r['images']} images) on {r['device']}: one training epoch "
