@@ -16,7 +16,7 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
-from alternas.train.fit import CHANNELS_LAST_DEVICES, pick_device
+from alternas.train.fit import pick_device, training_memory_format
 
 
 def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -30,6 +30,23 @@ def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str,
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _seconds(fn: Callable[[], object], dev: torch.device) -> float:
+    """Wall time of ``fn()``, with the GPU's queued work finished before and after."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+
+
 def attention_throughput(batch: int = 32, steps: int = 3, rounds: int = 3, device: str | None = None) -> dict:
     """img/s of the paper's CIFAR-100 AlterNet-50 per attention path: training steps with the default ("auto"),
     forced SDPA and the plain math path; inference (eval, no grad) with the default and the plain path."""
@@ -38,24 +55,19 @@ def attention_throughput(batch: int = 32, steps: int = 3, rounds: int = 3, devic
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 100, (batch,), device=dev)
 
+    def passes(train: bool) -> None:
+        for _ in range(steps):
+            if train:
+                _train_step(model, opt, x, y)
+            else:
+                with torch.no_grad():
+                    model(x)
+
     def arm(path: AttentionPath, train: bool) -> Callable[[], float]:
         def run() -> float:
             model.set_attention_path(path)
             model.train(train)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                if train:
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(x), y).backward()
-                    opt.step()
-                else:
-                    with torch.no_grad():
-                        model(x)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return batch * steps / (time.perf_counter() - t0)
+            return batch * steps / _seconds(lambda: passes(train), dev)
         return run
 
     train = _interleaved({p: arm(p, True) for p in ("auto", "sdpa", "math")}, rounds)
@@ -75,7 +87,7 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
 
     dev = pick_device(device)
     data = load_data(DataConfig("shapes"))
-    layout = _training_layout(dev)
+    layout = training_memory_format(dev)
     model = build_model("CC,CC,CC,CM", "tiny", num_classes=10, image_size=32).to(dev, memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tensor_batches = TensorLoader(data.train, 128, mean=data.mean, std=data.std, device=dev, shuffle=True,
@@ -84,35 +96,25 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
                            T.Normalize(data.mean, data.std)])
     pil_batches = pil_loader(data.train, transform, 128, shuffle=True, workers=2, seed=0)
 
-    def arm(batches, train: bool) -> Callable[[], float]:
-        def run() -> float:
-            t0 = time.perf_counter()
-            for xb, yb in batches:
-                xb, yb = xb.to(dev, memory_format=layout), yb.to(dev)
-                if train:
-                    opt.zero_grad(set_to_none=True)
-                    F.cross_entropy(model(xb), yb).backward()
-                    opt.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-        return run
+    def epoch(batches, train: bool) -> None:
+        for xb, yb in batches:
+            xb, yb = xb.to(dev, memory_format=layout), yb.to(dev)
+            if train:
+                _train_step(model, opt, xb, yb)
 
-    epoch = _interleaved({"in_memory": arm(tensor_batches, True), "dataloader": arm(pil_batches, True)}, rounds)
+    def arm(batches, train: bool) -> Callable[[], float]:
+        return lambda: _seconds(lambda: epoch(batches, train), dev)
+
+    trained = _interleaved({"in_memory": arm(tensor_batches, True), "dataloader": arm(pil_batches, True)}, rounds)
     alone = _interleaved({"in_memory": arm(tensor_batches, False), "dataloader": arm(pil_batches, False)}, rounds)
-    return {"device": str(dev), "epoch_s": epoch, "speedup": epoch["dataloader"] / epoch["in_memory"],
+    return {"device": str(dev), "epoch_s": trained, "speedup": trained["dataloader"] / trained["in_memory"],
             "pipeline_s": alone, "pipeline_speedup": alone["dataloader"] / alone["in_memory"],
             "images": len(data.train)}
 
 
-def _training_layout(dev: torch.device) -> torch.memory_format:
-    """The memory format ``fit`` trains in on ``dev``, so that the benchmarks time what the searches run."""
-    return torch.channels_last if dev.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
-
-
 def layout_throughput(batch: int = 128, steps: int = 3, rounds: int = 5, device: str | None = None) -> dict:
     """Training img/s in NCHW vs channels_last memory format, for the CPU-sized bases (`fit` trains channels_last
-    where it is faster: ``CHANNELS_LAST_DEVICES``)."""
+    where it is faster: ``training_memory_format``)."""
     dev = pick_device(device)
     result: dict = {"device": str(dev), "batch": batch}
     for base in ("tiny", "small"):
@@ -122,28 +124,21 @@ def layout_throughput(batch: int = 128, steps: int = 3, rounds: int = 5, device:
             model = build_model("CC,CC,CC,CM", base, num_classes=10, image_size=32).to(dev, memory_format=layout)
             x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=layout)
             y = torch.randint(0, 10, (batch,), device=dev)
-            arms[name] = _train_steps(model, x, y, steps)
+            arms[name] = _train_steps(model, x, y, steps, dev)
         img_s = _interleaved(arms, rounds)
         result[base] = {"img_per_s": img_s, "speedup": img_s["channels_last"] / img_s["nchw"]}
     return result
 
 
-def _train_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> Callable[[], float]:
+def _train_steps(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, dev: torch.device
+                 ) -> Callable[[], float]:
     """A closure timing ``steps`` AdamW training steps on one batch; returns img/s."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def run() -> float:
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def steps_() -> None:
         for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
-            opt.step()
-        if x.device.type == "cuda":
-            torch.cuda.synchronize()
-        return len(x) * steps / (time.perf_counter() - t0)
-    return run
+            _train_step(model, opt, x, y)
+    return lambda: len(x) * steps / _seconds(steps_, dev)
 
 
 def _briefly_trained(placement: str, base: str, data, epochs: int, device: torch.device) -> torch.nn.Module:
@@ -157,9 +152,7 @@ def _briefly_trained(placement: str, base: str, data, epochs: int, device: torch
     model.train()
     for _ in range(epochs):
         for xb, yb in batches:
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
+            _train_step(model, opt, xb, yb)
     return model.eval()
 
 
@@ -232,16 +225,7 @@ def fourier_vs_forward(rounds: int = 5, batch: int = 64, device: str | None = No
     x = torch.randn(batch, 3, 32, 32, device=dev)
 
     def timed(fn: Callable[[], object]) -> Callable[[], float]:
-        def run() -> float:
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - t0
-        return run
+        return torch.no_grad()(lambda: _seconds(fn, dev))
 
     times = _interleaved({"profile": timed(lambda: feature_profile(model, x)), "forward": timed(lambda: model(x))},
                          rounds)

@@ -58,7 +58,7 @@ def test_cli_export_with_checkpoint_loads_in_a_fresh_timm_process(tmp_path) -> N
     save_file(model.state_dict(), tmp_path / "weights.safetensors")
     out = tmp_path / "exp"
     res = run_cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "10", "--image-size",
-               "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(out))
+                  "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(out))
     assert res.returncode == 0, res.stderr
     torch.save(torch.randn(2, 3, 32, 32), tmp_path / "x.pt")
     check = (
@@ -70,5 +70,5 @@ def test_cli_export_with_checkpoint_loads_in_a_fresh_timm_process(tmp_path) -> N
         expected = model(torch.load(tmp_path / "x.pt", weights_only=True))
     assert torch.allclose(torch.load(tmp_path / "y.pt", weights_only=True), expected, atol=1e-6)
     res = run_cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "3", "--image-size",
-               "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(tmp_path / "e2"))
+                  "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(tmp_path / "e2"))
     assert res.returncode == 2 and "does not fit this architecture" in res.stderr

@@ -149,7 +149,7 @@ def test_data_parallel_with_two_cpu_processes(tmp_path) -> None:
 )
 def test_train_cli_errors(tmp_path, args: list[str], fragment: str) -> None:
     res = run_cli("train", "--placement", "CC,CM,CM,CM", "--base", "tiny", "--data-root", str(tmp_path), "--out",
-               str(tmp_path / "run"), *args, env={"ALTERNAS_OFFLINE": "1"})
+                  str(tmp_path / "run"), *args, env={"ALTERNAS_OFFLINE": "1"})
     assert res.returncode == 2, res.stderr
     assert fragment in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) <= 2
