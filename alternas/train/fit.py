@@ -3,7 +3,8 @@
 It picks the device, runs bf16 autocast on CUDA and channels_last on CUDA and the CPU, checkpoints atomically
 every epoch, resumes exactly, reports divergence as a status (never an exception that would kill a search), and
 runs data-parallel under ``torchrun``. Files in the run folder: ``config.yaml``, ``metrics.csv``, ``metrics.json``,
-``checkpoint/``, and ``model.safetensors`` once finished.
+``checkpoint/``, ``evidence.npz`` (per-example validation outcomes of every epoch, for paired comparisons) and
+``model.safetensors`` once finished.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.fileio import atomic_write, atomic_write_text
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from alternas.train.metrics import evaluate
+from alternas.train.evidence import Evidence, load_evidence, split_digest
+from alternas.train.metrics import evaluate, per_example, predict, summarize
 from alternas.train.recipe import Recipe
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -41,7 +43,7 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 @dataclass
 class RunResult:
-    """What a training run produced. ``status``: completed | diverged | interrupted."""
+    """What a training run produced. ``status``: completed | diverged | paused (stopped at ``stop_after``)."""
 
     status: str
     run_dir: str
@@ -173,12 +175,15 @@ def fit(
     run_config: dict[str, Any] | None = None,
     epoch_callback: EpochCallback | None = None,
     init_weights: dict[str, torch.Tensor] | None = None,
+    stop_after: int | None = None,
 ) -> RunResult:
     """Train ``model`` on ``data.train`` with ``recipe``, validating on ``data.val`` each epoch.
 
     ``resume=True`` continues from the last checkpoint in ``out_dir`` (a finished run is returned as is).
     ``epoch_callback(epoch, metrics)`` runs after each epoch's checkpoint is on disk; an exception it raises
     (e.g. Optuna's ``TrialPruned``) propagates. ``init_weights`` (a partial state dict) warm-starts a fresh run.
+    ``stop_after=k`` trains only up to epoch ``k`` of the full schedule and returns status ``paused``: a later call
+    with ``resume=True`` continues exactly (the build-up's early screening looks at a candidate there).
     """
     run_dir = Path(out_dir)
     rank, world = _distributed()
@@ -219,6 +224,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch = 0
+    evidence = Evidence.empty(split_digest(data.val.images, data.val.labels), len(data.val))
     if saved is not None:
         weights, state = saved
         model.load_state_dict(weights)
@@ -228,6 +234,9 @@ def fit(
             train_batches.load_state_dict(state["loader"])
         history = [dict(h) for h in state["history"]]
         start_epoch = state["epoch"] + 1
+        saved_evidence = load_evidence(run_dir)
+        if saved_evidence is not None and saved_evidence.digest == evidence.digest:
+            evidence = saved_evidence.up_to(start_epoch)
 
     net: torch.nn.Module = model
     if world > 1:
@@ -241,13 +250,14 @@ def fit(
         (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
 
     total = recipe.total_epochs
+    last_epoch = total if stop_after is None else min(total, stop_after)
     steps = len(train_batches)
     summary: dict[str, Any] = {"status": "running"}
     autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     started = time.perf_counter() - sum(h["epoch_time"] for h in history)
     status, error = "completed", None
     try:
-        for epoch in range(start_epoch, total):
+        for epoch in range(start_epoch, last_epoch):
             if world > 1 and hasattr(train_batches, "sampler") and hasattr(train_batches.sampler, "set_epoch"):
                 train_batches.sampler.set_epoch(epoch)
             net.train()
@@ -289,12 +299,15 @@ def fit(
             if not math.isfinite(train_loss):
                 status, error = "diverged", f"training loss became {train_loss} in epoch {epoch + 1}"
                 break
-            val = evaluate(model, val_batches, device=dev, amp_dtype=amp_dtype, channels_last=channels_last)
+            logits, labels = predict(model, val_batches, device=dev, amp_dtype=amp_dtype, channels_last=channels_last)
+            val = summarize(logits, labels)
+            evidence = evidence.with_epoch(epoch + 1, *per_example(logits, labels))
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": train_loss,
                    "val_acc": val["acc"], "val_top5": val["top5"], "val_nll": val["nll"], "val_ece": val["ece"],
                    "images_per_s": seen / train_time, "epoch_time": time.perf_counter() - t0}
             history.append(row)
             if is_main:
+                evidence.save(run_dir)  # before the checkpoint: every checkpointed epoch has its evidence
                 save_checkpoint(ckpt_dir, model.state_dict(), {
                     "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
                     "loader": train_batches.state_dict() if isinstance(train_batches, TensorLoader) else {},
@@ -312,6 +325,8 @@ def fit(
             _write_metrics(run_dir, history, {"status": "interrupted"})
         raise
 
+    if status == "completed" and len(history) < total:
+        status = "paused"
     last = history[-1] if history else {}
     result = RunResult(
         status=status, run_dir=str(run_dir), epochs_completed=len(history), total_epochs=total, history=history,

@@ -1,4 +1,8 @@
-"""Evaluation metrics: top-1/top-5 accuracy, NLL and expected calibration error."""
+"""Evaluation metrics: top-1/top-5 accuracy, NLL and expected calibration error, and per-example outcomes.
+
+``predict`` runs the model once; ``summarize`` turns its logits into the summary numbers and
+``per_example`` into the evidence a paired comparison of two candidates needs (``alternas.train.evidence``).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,51 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
 
 
 @torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    device: torch.device,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 logits and labels of ``model`` in eval mode over ``batches``, in batch order."""
+    was_training = model.training
+    model.eval()
+    logits_all, labels_all = [], []
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    try:
+        for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast:
+                logits_all.append(model(x).float())
+            labels_all.append(y)
+    finally:
+        model.train(was_training)
+    return torch.cat(logits_all), torch.cat(labels_all)
+
+
+def summarize(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Accuracy (%), top-5 (%), NLL and ECE (15 bins) of ``logits`` against ``labels``."""
+    k = min(5, logits.shape[1])
+    top5 = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1).float().mean()
+    return {
+        "acc": float(logits.argmax(1).eq(labels).float().mean()) * 100,
+        "top5": float(top5) * 100,
+        "nll": float(F.cross_entropy(logits, labels)),
+        "ece": expected_calibration_error(logits.softmax(1), labels),
+    }
+
+
+def per_example(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct as bool, NLL as float32) for every example, on the CPU."""
+    correct = logits.argmax(1).eq(labels)
+    nll = F.cross_entropy(logits, labels, reduction="none")
+    return correct.cpu(), nll.float().cpu()
+
+
 def evaluate(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
@@ -32,24 +81,4 @@ def evaluate(
     channels_last: bool = False,
 ) -> dict[str, float]:
     """Accuracy (%), top-5 (%), NLL and ECE (15 bins) of ``model`` in eval mode over ``batches``."""
-    was_training = model.training
-    model.eval()
-    logits_all, labels_all = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    for x, y in batches:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits_all.append(model(x).float())
-        labels_all.append(y)
-    model.train(was_training)
-    logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-    k = min(5, logits.shape[1])
-    top5 = logits.topk(k, dim=1).indices.eq(labels.view(-1, 1)).any(dim=1).float().mean()
-    return {
-        "acc": float(logits.argmax(1).eq(labels).float().mean()) * 100,
-        "top5": float(top5) * 100,
-        "nll": float(F.cross_entropy(logits, labels)),
-        "ece": expected_calibration_error(logits.softmax(1), labels),
-    }
+    return summarize(*predict(model, batches, device=device, amp_dtype=amp_dtype, channels_last=channels_last))

@@ -1,0 +1,164 @@
+"""Did the added MSA improve accuracy? Paired, calibrated answers, and when to buy more seeds.
+
+The build-up's single question is answered from per-example evidence (``alternas.train.evidence``): ``child`` and
+``parent`` are (seeds, examples) 0/1 correctness arrays, row ``s`` of both trained with the same seed and scored
+on the same validation set. Pairing by seed removes what a seed does to every placement alike; pairing by
+example removes which examples are easy.
+
+**Noise model.** The per-example differences ``D[s, i] = child[s, i] - parent[s, i]`` follow a two-way crossed
+random-effects model, ``D = mu + a_s + b_i + e_si``: ``a_s`` is what training seed ``s`` does to the gain, ``b_i``
+how example ``i`` reacts to the change (the validation set is a finite sample of such examples), ``e_si`` the
+rest. The variance of the mean gain is ``var(a)/S + var(b)/N + var(e)/(S N)``, estimated from the ANOVA mean
+squares as ``(max(MS_seeds - MS_resid, 0) + MS_examples) / (S N)`` with Satterthwaite's degrees of freedom, so
+the interval is a Student t. With two or three seeds the seed term has one or two degrees of freedom, and the
+interval is wide: that is the honest answer, and what sequential seeds are for. With one seed the seed term
+cannot be estimated and only example-level noise is counted (a paired, McNemar-like interval).
+
+``p_gain`` is the t-distribution's probability that the true gain exceeds ``min_gain`` (the confidence
+distribution of the gain). ``accept`` when ``p_gain >= confidence``, ``reject`` when ``p_gain <= 1 - confidence``,
+else ``undecided``. A sequential comparison looks several times at growing evidence; to keep its false-accept
+rate at ``1 - confidence`` over all its looks, ``looks=L`` asks for ``p_gain >= 1 - (1 - confidence) / L`` to
+accept (Bonferroni over the planned looks). Rejecting needs no such correction: an undecided comparison is
+rejected at the end anyway. ``tests/test_decision.py`` checks both rates by simulation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+DECISIONS = ("accept", "reject", "undecided")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A paired comparison of a child with its parent (or incumbent). Gains are in percentage points."""
+
+    gain: float
+    ci: tuple[float, float]
+    p_gain: float
+    decision: str
+    min_gain: float
+    confidence: float
+    accept_at: float  # p_gain needed to accept (confidence, raised for the looks of a sequential comparison)
+    se: float
+    df: float
+    n_seeds: int
+    n_examples: int
+    seed_gains: tuple[float, ...]  # the gain seed by seed, pp
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ci"], out["seed_gains"] = list(self.ci), list(self.seed_gains)
+        return out
+
+    def describe(self) -> str:
+        """One line for the terminal: gain, interval, probability, decision."""
+        return (f"gain {self.gain:+.2f} pp [{self.ci[0]:+.2f}, {self.ci[1]:+.2f}]  "
+                f"P(gain > {self.min_gain:g}) = {self.p_gain:.2f}  {self.decision}")
+
+
+def gain_variance(diff: np.ndarray) -> tuple[float, float]:
+    """(variance of the mean, Satterthwaite degrees of freedom) of a (seeds, examples) array of paired differences
+    under the crossed seed x example random-effects model."""
+    s, n = diff.shape
+    example_means = diff.mean(axis=0)
+    ms_examples = s * example_means.var(ddof=1) if n > 1 else 0.0
+    if s == 1:
+        return ms_examples / n, float(max(n - 1, 1))
+    seed_means = diff.mean(axis=1)
+    ms_seeds = n * seed_means.var(ddof=1)
+    resid = diff - seed_means[:, None] - example_means[None, :] + diff.mean()
+    df_resid = (s - 1) * (n - 1)
+    ms_resid = float((resid**2).sum() / df_resid) if df_resid else 0.0
+    df_seeds, df_examples = s - 1, max(n - 1, 1)
+    # the seed component is floored at zero, but its uncertainty always counts: two seeds that happen to agree
+    # say little about the next one (dropping that term made single looks at two seeds over-confident)
+    total = max(ms_seeds - ms_resid, 0.0) + ms_examples
+    denom = ms_seeds**2 / df_seeds + ms_resid**2 / max(df_resid, 1) + ms_examples**2 / df_examples
+    df = total**2 / denom if denom > 0 else float(df_examples)
+    return total / (s * n), float(max(df, 1.0))
+
+
+def compare_paired(
+    child: np.ndarray,
+    parent: np.ndarray,
+    min_gain: float = 0.0,
+    confidence: float = 0.9,
+    *,
+    looks: int = 1,
+) -> Comparison:
+    """Compare ``child`` with ``parent``: (n_seeds, n_examples) arrays of 0/1 correctness, paired by row (seed)
+    and column (validation example). See the module docstring for the noise model."""
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    child = np.atleast_2d(np.asarray(child, dtype=np.float64))
+    parent = np.atleast_2d(np.asarray(parent, dtype=np.float64))
+    if child.shape != parent.shape or child.size == 0:
+        raise ValueError(f"child and parent must be non-empty arrays of one shape, got {child.shape} and "
+                         f"{parent.shape}")
+    diff = (child - parent) * 100.0
+    n_seeds, n_examples = diff.shape
+    gain = float(diff.mean())
+    variance, df = gain_variance(diff)
+    se = math.sqrt(max(variance, 0.0))
+    if se > 0:
+        p_gain = float(stats.t.cdf((gain - min_gain) / se, df))
+        half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+    else:  # identical outcomes everywhere: the sign of the difference is all there is
+        p_gain = 0.5 if gain == min_gain else float(gain > min_gain)
+        half = 0.0
+    accept_at = 1 - (1 - confidence) / max(looks, 1)
+    decision = "accept" if p_gain >= accept_at else "reject" if p_gain <= 1 - confidence else "undecided"
+    return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, se, df,
+                      n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)))
+
+
+@dataclass
+class SequentialOutcome:
+    """Where a sequential comparison ended: its last look, the seeds it used and what decided it."""
+
+    final: Comparison
+    decision: str  # accept | reject
+    decided_by: str  # confidence | seed budget
+    seeds_used: int
+    looks: list[Comparison] = field(default_factory=list)
+
+
+def sequential_compare(
+    evidence: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    *,
+    min_seeds: int,
+    max_seeds: int,
+    min_gain: float = 0.0,
+    confidence: float = 0.9,
+    on_look: Callable[[Comparison, int, bool], None] | None = None,
+) -> SequentialOutcome:
+    """Racing over seeds: look with ``min_seeds``, and while undecided and seeds remain, add one and look again.
+
+    ``evidence(k)`` returns the (k, n_examples) child and parent arrays of the first ``k`` seeds (training what is
+    missing); fewer rows mean the seed pool ran out. Undecided at ``max_seeds`` (or at the end of the pool) is a
+    reject decided by the seed budget (the rule: "if it does not improve"). ``on_look(comparison, seeds,
+    will_add_seed)`` lets the caller report each look.
+    """
+    if not 1 <= min_seeds <= max_seeds:
+        raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
+    planned = max_seeds - min_seeds + 1
+    looks: list[Comparison] = []
+    for k in range(min_seeds, max_seeds + 1):
+        child, parent = evidence(k)
+        look = compare_paired(child, parent, min_gain, confidence, looks=planned)
+        looks.append(look)
+        more = look.decision == "undecided" and k < max_seeds and len(child) == k
+        if on_look is not None:
+            on_look(look, look.n_seeds, more)
+        if look.decision != "undecided":
+            return SequentialOutcome(look, look.decision, "confidence", look.n_seeds, looks)
+        if not more:
+            break
+    return SequentialOutcome(looks[-1], "reject", "seed budget", looks[-1].n_seeds, looks)
