@@ -457,20 +457,41 @@ def report(study_dir: str, storage: str | None) -> None:
 
 
 BENCHMARKS = ("attention", "layout", "pipeline", "hessian", "fourier")
+SLOW_BENCHMARKS = ("decisions",)  # run only when named
 
 
 @main.command()
-@click.argument("which", nargs=-1, type=click.Choice(BENCHMARKS))
+@click.argument("which", nargs=-1, type=click.Choice(BENCHMARKS + SLOW_BENCHMARKS))
 @click.option("--device", default=None)
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
-def bench(which: tuple[str, ...], device: str | None, rounds: int) -> None:
+@click.option("--study", "study_file", default="studies/quickstart.yaml", show_default=True,
+              help="decisions: the study to repeat on disjoint seed pools.")
+@click.option("--pools", type=click.IntRange(min=2), default=5, show_default=True,
+              help="decisions: how many disjoint seed pools.")
+@click.option("--out", "out_dir", default=None, help="decisions: folder of the per-pool studies (resumable).")
+@click.option("--json", "as_json", is_flag=True, help="decisions: print the figures as one JSON object.")
+def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: str, pools: int,
+          out_dir: str | None, as_json: bool) -> None:
     """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
     DataLoader pipeline, Lanczos vs PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward.
-    Default: all of them."""
+    Default: all of them. `decisions` (only when named: minutes per pool) runs a study's build-up on disjoint
+    seed pools and prints how often the final placements agree, seeds and candidate-epochs per decision and the
+    wall time."""
     from alternas import bench as b
 
     for name in which or BENCHMARKS:
-        if name == "attention":
+        if name == "decisions":
+            r = b.decision_agreement(study_file, pools, out_dir, {"device": device} if device else None,
+                                     log=lambda line: click.echo(line, err=as_json))
+            if as_json:
+                click.echo(json.dumps(r))
+                continue
+            click.echo(f"decisions: {r['study']} on {r['pools']} disjoint pools of {r['pool_size']} seeds: final "
+                       f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
+                       f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
+                       f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
+                       f"(max {r['wall_s_max']:.0f} s)")
+        elif name == "attention":
             r = b.attention_throughput(rounds=rounds, device=device)
             tr, inf = r["train_img_per_s"], r["infer_img_per_s"]
             click.echo(f"attention: AlterNet-50 CIFAR-100, 32 px, batch 32 on {r['device']}: train img/s default "

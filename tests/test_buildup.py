@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import timm
 import torch
@@ -162,25 +163,69 @@ def test_second_process_on_the_same_study_is_refused(tmp_path) -> None:
         folder.unlock()
 
 
-def test_resume_after_kill_reuses_finished_candidates_and_the_interrupted_epochs(tmp_path) -> None:
-    raw = _study(tmp_path, data={"subset": 600}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
-                 buildup={"max_candidates": 2})
+def test_resume_after_kill_mid_comparison_reuses_finished_runs_and_the_interrupted_epochs(tmp_path) -> None:
+    """Seed pool [0, 1], one seed first: at confidence 0.9999 the first look cannot decide, so the comparison adds
+    seed 1 (the incumbent's run, then the child's). The process is killed inside the child's seed-1 run."""
+    raw = _study(tmp_path, seeds=[0, 1], data={"subset": 600}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
+                 diagnostics={"hessian": False, "fourier": False},
+                 buildup={"max_candidates": 2, "min_seeds": 1, "max_seeds": 2, "confidence": 0.9999})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
     cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     candidates = tmp_path / "study" / "candidates"
-    victim, epochs_before = kill_mid_candidate(proc, candidates, after_finished=1)
+    victim, epochs_before = kill_mid_candidate(proc, candidates, after_finished=3)
     done_before = {p: p.stat().st_mtime_ns for p in candidates.glob("*/result.json")}
-    assert 1 <= len(epochs_before) < 4
+    assert len(done_before) == 3 and 1 <= len(epochs_before) < 4
 
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # never retrained
+    assert res.stdout.count("] training") == 1  # only the interrupted run, resumed
     history = json.loads((victim / "metrics.json").read_text())["history"]
     assert len(history) == 4 and history[: len(epochs_before)] == epochs_before  # resumed, not restarted
     trajectory = json.loads((tmp_path / "study" / "trajectory.json").read_text())
-    assert len(trajectory["steps"]) == 2
+    child = trajectory["steps"][1]
+    assert child["seeds_used"] == [0, 1] and child["decided_by"] == "seed budget" and child["decision"] == "reject"
+    assert len(trajectory["steps"][0]["keys"]) == 2  # the incumbent's seed-1 run stands for it too
+    assert "undecided -> adding seed 1" in res.stdout
+
+
+def test_racing_reuses_the_incumbents_runs_and_records_each_decisions_evidence(tmp_path) -> None:
+    config = study_from_dict(_study(tmp_path, seeds=[0, 1, 2], diagnostics={"hessian": False, "fourier": False},
+                                    buildup={"max_candidates": 3, "min_seeds": 1, "max_seeds": 3,
+                                             "confidence": 0.9999, "screen_at": 0.5},
+                                    recipe={"name": "fast", "epochs": 2, "warmup_epochs": 0, "batch_size": 64}))
+    lines: list[str] = []
+    outcome = run_buildup(config, quiet=True, log=lines.append)
+    trained = [line for line in lines if "] training" in line]
+    assert len(trained) == len(set(trained))  # nothing trained twice: incumbent runs come from the cache
+    assert sum("CC,CC,CC,CC  seed" in line for line in trained) <= 3  # the incumbent, at most once per seed
+    steps = json.loads((Path(config.output_dir) / "trajectory.json").read_text())["steps"]
+    assert steps[0]["decision"] == "start" and steps[0]["seeds_used"] == [0]
+    for step in steps[1:]:
+        assert step["incumbent"] == "CC,CC,CC,CC" and step["decided_by"] in ("confidence", "seed budget", "screen")
+        low, high = step["gain_ci"]
+        assert low <= step["gain"] <= high and 0 <= step["p_gain"] <= 1
+        if step["decided_by"] == "seed budget":
+            assert step["seeds_used"] == [0, 1, 2] and step["decision"] == "reject"
+        if step["decided_by"] == "screen":  # stopped at epoch 1 of 2: its run is paused, not final
+            assert not any(Path(config.output_dir, "candidates", k, "result.json").exists() for k in step["keys"])
+    assert any(s["decided_by"] == "seed budget" for s in steps[1:])
+    assert any("P(gain > 0) = " in line and "adding seed 1" in line for line in lines)
+    assert any("screen at epoch 1:" in line for line in lines)
+    assert outcome.candidates_evaluated == 3
+    table = pd.read_csv(Path(config.output_dir) / "results.csv")
+    assert len(table) == len(table[["placement", "seed"]].drop_duplicates())  # one row per (placement, seed)
+
+
+def test_seed_budget_is_checked_against_the_pool(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"buildup.max_seeds must be between 1 and the number of seeds"):
+        study_from_dict(_study(tmp_path, seeds=[0, 1], buildup={"max_seeds": 3}))
+    with pytest.raises(ConfigError, match=r"min_seeds \(3\) must not exceed buildup.max_seeds \(2\)"):
+        study_from_dict(_study(tmp_path, seeds=[0, 1, 2], buildup={"min_seeds": 3, "max_seeds": 2}))
+    assert study_from_dict(_study(tmp_path, seeds=[0])).seed_budget == (1, 1)
+    assert study_from_dict(_study(tmp_path, seeds=list(range(8)))).seed_budget == (2, 5)
 
 
 def test_report_and_export_of_the_best_candidate(tmp_path) -> None:

@@ -193,6 +193,8 @@ def test_fit_writes_evidence_every_epoch_and_a_paused_run_resumes_to_the_same_ev
     assert not (tmp_path / "b" / "model.safetensors").exists()
     resumed = fit(model_for("CC,CC,CC,CM", "tiny", data, recipe, seed=3), data, recipe, tmp_path / "b", seed=3,
                   quiet=True, resume=True)
-    assert resumed.status == "completed" and resumed.history == whole.history
+    untimed = [[{k: v for k, v in row.items() if k not in ("images_per_s", "epoch_time")} for row in run.history]
+               for run in (resumed, whole)]
+    assert resumed.status == "completed" and untimed[0] == untimed[1]  # the same epochs, bit for bit
     again = load_evidence(tmp_path / "b")
     assert np.array_equal(again.correct, evidence.correct) and np.allclose(again.nll, evidence.nll)

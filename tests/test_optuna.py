@@ -85,6 +85,7 @@ def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None
     assert trials[0].user_attrs["placement"] == "CC,CC,CC,CC" and trials[1].user_attrs["placement"] == "CC,CM,CM,CM"
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert done and all({"val_acc", "params", "flops", "delta_high", "run_dirs"} <= set(t.user_attrs) for t in done)
+    assert all(t.user_attrs["seeds"] == list(config.seeds) for t in done)
     assert study.metric_names == ["acc"]
     # the same placements at the same fidelity come from the shared cache
     results = list((Path(config.output_dir) / "candidates").glob("*/result.json"))
@@ -98,6 +99,10 @@ def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None
     build_report(config.output_dir)
     page = build_report(config.output_dir)
     assert_report_renders(page, min_figures=5)
+    text = page.read_text()
+    assert "Paired gain against the best trial" in text  # each top trial's gain over the best, with its interval
+    ranked = sorted(done, key=lambda t: t.value, reverse=True)
+    assert all(f"trial {t.number}</td>" in text for t in ranked[1:])
     attached = _dashboard_figures(Path(config.output_dir) / "optuna.journal")
     assert len(attached) == page.read_text().count('class="plotly-graph-div"') >= 5
     assert all(json.loads(a["graph_object"])["data"] for a in attached)

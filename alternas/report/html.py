@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -32,7 +33,6 @@ def trajectory_figure(steps: list[dict]) -> go.Figure:
     fig.add_trace(go.Scatter(
         x=[s["num_msa"] for s in path], y=[s["score"] for s in path], mode="lines+markers+text", name="accepted",
         line={"color": "#1f4e9a", "width": 3}, marker={"size": 10},
-        error_y={"type": "data", "array": [s["score_sd"] or 0 for s in path], "visible": True},
         text=[Placement.parse(s["placement"]).describe() for s in path], textposition="top left",
         hovertext=[f"step {s['step']}: {s['placement']}" for s in path], hoverinfo="text+y",
     ))
@@ -48,6 +48,37 @@ def trajectory_figure(steps: list[dict]) -> go.Figure:
                              name="rejected"))
     fig.update_layout(title="Build-up trajectory", xaxis_title="number of MSA blocks",
                       yaxis_title="validation accuracy (%)", height=460, xaxis={"dtick": 1})
+    return fig
+
+
+_DECIDED_BY_MARKERS = {"confidence": "circle", "seed budget": "diamond-open", "screen": "triangle-down",
+                       "failure": "x", "threshold": "square"}
+
+
+def gain_figure(steps: list[dict], min_gain: float, confidence: float) -> go.Figure:
+    """Each decision's paired gain over its incumbent with its interval: what the accept/reject rests on. Steps
+    rejected because the seed budget ran out (undecided) are drawn open."""
+    fig = go.Figure()
+    decided = [s for s in steps if s["decision"] != "start" and s.get("gain") is not None]
+    for decision, colour in (("accept", "#1f4e9a"), ("reject", "#c0504d")):
+        chosen = [s for s in decided if s["decision"] == decision]
+        if not chosen:
+            continue
+        ci = [s.get("gain_ci") or [s["gain"], s["gain"]] for s in chosen]
+        fig.add_trace(go.Scatter(
+            x=[f"{s['step']}: {s['placement']}" for s in chosen], y=[s["gain"] for s in chosen], mode="markers",
+            name=decision, marker={"color": colour, "size": 11,
+                                   "symbol": [_DECIDED_BY_MARKERS.get(s.get("decided_by"), "circle") for s in chosen]},
+            error_y={"type": "data", "symmetric": False, "array": [hi - s["gain"] for s, (_, hi) in zip(chosen, ci)],
+                     "arrayminus": [s["gain"] - lo for s, (lo, _) in zip(chosen, ci)], "visible": True},
+            hovertext=[f"vs {s.get('incumbent')}<br>seeds {s.get('seeds_used')}<br>P(gain > {min_gain:g}) = "
+                       f"{_fmt(s.get('p_gain'))}<br>decided by {s.get('decided_by')}" for s in chosen],
+            hoverinfo="text+y",
+        ))
+    fig.add_hline(y=min_gain, line={"dash": "dot", "color": "#555"}, annotation_text=f"min_gain {min_gain:g} pp")
+    fig.update_layout(title=f"Paired gain over the incumbent, {confidence:.0%} interval (open: undecided at the seed "
+                            "budget; triangle: stopped at screening)", xaxis_title="step: placement",
+                      yaxis_title="validation accuracy gain (pp)", height=460)
     return fig
 
 
@@ -148,7 +179,48 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
     if diag:
         figs += diagnostic_figures(diag)
     _attach_to_dashboard(study, figs)
-    return figs, intro
+    return figs, intro + _paired_table(study_dir, ranked[: max(5, len(top))], config.buildup.confidence)
+
+
+def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
+    """The top trials' paired gains against the best trial (on the seeds both trained), and the build-up's choice
+    against the same best when the folder has one: differences among the top trials are often inside the noise."""
+    from alternas.search.buildup import correctness
+    from alternas.search.decision import compare_paired
+    from alternas.search.selection import load_results
+
+    results = load_results(study_dir)
+
+    def correct_by_seed(keys: list[str]) -> dict[int, Any]:
+        runs = [results[k] for k in keys if k in results and results[k].status == "completed"]
+        return {r.seed: correctness(r) for r in runs if (Path(r.run_dir) / "evidence.npz").is_file()}
+
+    best = correct_by_seed(ranked[0].user_attrs.get("keys", []))
+    rows = [(f"trial {t.number}", t.user_attrs.get("placement", "?"), correct_by_seed(t.user_attrs.get("keys", [])))
+            for t in ranked[1:]]
+    trajectory = _read(study_dir / "trajectory.json")
+    if trajectory:
+        step = next((s for s in trajectory["steps"] if s["placement"] == trajectory["best"]), None)
+        if step:
+            rows.append(("build-up choice", trajectory["best"], correct_by_seed(step.get("keys", []))))
+    body = []
+    for label, placement, theirs in rows:
+        seeds = sorted(set(theirs) & set(best))
+        if not seeds:
+            cell = "<td colspan=3>no shared seed with the best trial</td>"
+        else:
+            c = compare_paired(np.stack([theirs[s] for s in seeds]), np.stack([best[s] for s in seeds]),
+                               0.0, confidence)
+            cell = (f"<td>{c.gain:+.2f}</td><td>[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]</td>"
+                    f"<td>{', '.join(map(str, seeds))}</td>")
+        body.append(f"<tr><td>{html.escape(label)}</td><td><code>{html.escape(placement)}</code></td>{cell}</tr>")
+    if not body:
+        return ""
+    head = (f"<h3>Paired gain against the best trial #{ranked[0].number} "
+            f"<code>{html.escape(ranked[0].user_attrs.get('placement', '?'))}</code></h3>"
+            f"<table class='paired'><tr><th></th><th>placement</th><th>gain (pp)</th>"
+            f"<th>{confidence:.0%} interval</th><th>shared seeds</th></tr>")
+    return head + "".join(body) + "</table>"
 
 
 def _importances(study: Any, objective: int | None, name: str) -> list[go.Figure]:
@@ -192,13 +264,15 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
     if trajectory and trajectory["steps"]:
         steps = trajectory["steps"]
         figures.append(trajectory_figure(steps))
+        if any(s.get("gain_ci") for s in steps):
+            figures.append(gain_figure(steps, trajectory.get("min_gain", 0.0), trajectory.get("confidence", 0.9)))
         best = trajectory["best"]
         figures.append(placement_figure(best, "Chosen architecture"))
         start = steps[0]
         best_step = next((s for s in steps if s["placement"] == best), start)
         intro.append(f"<p>Build-up: {len(steps)} placements evaluated; start <code>{html.escape(start['placement'])}"
                      f"</code> ({_fmt(start['score'])}%), best <code>{html.escape(best)}</code> "
-                     f"({_fmt(best_step['score'])}%).</p>")
+                     f"({_fmt(best_step['score'])}%).{_decision_summary(trajectory)}</p>")
         compared = {}
         for label, step in (("start " + start["placement"], start), ("best " + best, best_step)):
             diag = _diagnostics_of(study_dir, step.get("keys", []))
@@ -218,6 +292,19 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
 
     return write_html(study_dir / "report.html", f"alternas study: {study_dir.name}", figures,
                       intro_html="".join(intro), tables_html=table)
+
+
+def _decision_summary(trajectory: dict) -> str:
+    """How the decisions were reached: seeds per decision and how many the seed budget decided."""
+    decided = [s for s in trajectory["steps"] if s["decision"] != "start" and s.get("decided_by")]
+    if not decided:
+        return ""
+    counts = {k: sum(s["decided_by"] == k for s in decided) for k in dict.fromkeys(s["decided_by"] for s in decided)}
+    seeds = sum(len(s.get("seeds_used") or []) for s in decided) / len(decided)
+    how = ", ".join(f"{n} by {k}" for k, n in counts.items())
+    return (f" Each child was compared with the incumbent paired by seed and validation example, at confidence "
+            f"{trajectory.get('confidence', 0.9):g} for a gain above {trajectory.get('min_gain', 0):g} pp: "
+            f"{len(decided)} decisions ({html.escape(how)}), {seeds:.1f} seeds per decision on average.")
 
 
 def _configured_storage(study_dir: Path) -> str | None:

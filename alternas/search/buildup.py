@@ -10,11 +10,16 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
+
+from alternas.errors import AlternasError
 from alternas.placement import Placement
+from alternas.search.decision import Comparison, compare_paired, sequential_compare
 from alternas.search.evaluator import CandidateResult, Evaluator
 from alternas.search.study import StudyConfig, StudyFolder
+from alternas.train.evidence import load_evidence
 
 
 @dataclass
@@ -26,11 +31,31 @@ class Step:
     parent: str | None
     stage: int | None  # 1-based stage the MSA was added to (None for the start)
     num_msa: int
-    score: float | None  # mean validation accuracy over seeds (None if every seed failed)
+    score: float | None  # mean validation accuracy over the seeds used (None if every seed failed)
     score_sd: float | None
-    gain: float | None  # vs the best accepted so far
+    gain: float | None  # vs the incumbent (the best accepted so far): paired over seeds and examples, pp
     decision: str  # start | accept | reject
     best_after: str
+    incumbent: str | None = None  # what the step was compared with
+    gain_ci: list[float] | None = None  # interval of the gain at the study's confidence
+    p_gain: float | None = None  # P(true gain > min_gain)
+    seeds_used: list[int] = field(default_factory=list)
+    decided_by: str | None = None  # confidence | seed budget | screen | failure | threshold (given scores only)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How the comparison of a proposal with the incumbent ended."""
+
+    accepted: bool
+    decided_by: str
+    gain: float | None = None
+    gain_ci: tuple[float, float] | None = None
+    p_gain: float | None = None
+
+    @classmethod
+    def from_comparison(cls, c: Comparison, accepted: bool, decided_by: str) -> Verdict:
+        return cls(accepted, decided_by, c.gain, c.ci, c.p_gain)
 
 
 class BuildupPolicy:
@@ -75,18 +100,25 @@ class BuildupPolicy:
         self._tip = self.best if self.best is not None else self._tip
         self._patience_left = self.patience
 
-    def observe(self, score: float | None, score_sd: float | None = None) -> Step:
-        """Record the score (mean val accuracy; ``None`` = failed, which counts as no gain) of ``propose()``."""
+    def observe(self, score: float | None, score_sd: float | None = None, verdict: Verdict | None = None,
+                seeds_used: list[int] | tuple[int, ...] = ()) -> Step:
+        """Record the outcome of ``propose()``: its score (mean val accuracy; ``None`` = failed) and, for a child,
+        the ``verdict`` of its paired comparison with the incumbent. Without a verdict (given single-run scores,
+        such as the paper's) a child is accepted when its score beats the best by more than ``min_gain``."""
         if self._pending is None:
             raise RuntimeError("observe() without a pending proposal")
         placement, parent, stage = self._pending
         self._pending = None
+        incumbent = str(self.best) if self.best is not None else None
         if parent is None:  # the start placement
             self.best, self.best_score = placement, score
             decision, gain = "start", None
         else:
-            gain = None if score is None or self.best_score is None else score - self.best_score
-            if gain is not None and gain > self.min_gain:
+            if verdict is None:
+                gain = None if score is None or self.best_score is None else score - self.best_score
+                verdict = Verdict(gain is not None and gain > self.min_gain, "threshold", gain)
+            gain = verdict.gain
+            if verdict.accepted:
                 decision = "accept"
                 self.best, self.best_score, self._tip = placement, score, placement
                 self._patience_left = self.patience
@@ -99,7 +131,9 @@ class BuildupPolicy:
                 self._leave_stage()
         step = Step(len(self.steps), str(placement), str(parent) if parent else None,
                     None if stage is None else stage + 1, placement.num_msa, score, score_sd, gain, decision,
-                    str(self.best))
+                    str(self.best), incumbent if parent is not None else None,
+                    list(verdict.gain_ci) if verdict and verdict.gain_ci else None,
+                    verdict.p_gain if verdict else None, list(seeds_used), verdict.decided_by if verdict else None)
         self.steps.append(step)
         return step
 
@@ -109,6 +143,162 @@ def _mean_sd(results: list[CandidateResult]) -> tuple[float | None, float | None
     if not scores:
         return None, None
     return statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
+
+
+def correctness(result: CandidateResult, epoch: int | None = None) -> np.ndarray:
+    """A finished (or paused) run's per-example validation correctness after ``epoch`` (default: its last)."""
+    evidence = load_evidence(result.run_dir)
+    if evidence is None:
+        raise AlternasError(f"candidate {result.key} ({result.placement}, seed {result.seed}) has no readable "
+                            f"evidence.npz in {result.run_dir}; delete that folder to train it again")
+    return evidence.at(epoch)[0]
+
+
+class _ChildFailed(Exception):
+    """A child's run diverged or crashed (or the incumbent has no finished run to pair with): no gain."""
+
+    def __init__(self, result: CandidateResult) -> None:
+        super().__init__(result.error)
+        self.result = result
+
+
+class _Screened(Exception):
+    """The child was confidently worse at the screening epoch."""
+
+    def __init__(self, comparison: Comparison, runs: list[CandidateResult]) -> None:
+        super().__init__(comparison.describe())
+        self.comparison, self.runs = comparison, runs
+
+
+class _Racer:
+    """Trains what the comparisons need, through the shared evaluator, and races seeds until each is decided.
+
+    Each placement is represented per seed by one run: from scratch, or with warm start by a run inheriting the
+    weights of its incumbent's representative run with the same seed. A warm-started child is compared with a
+    *control* that continues the incumbent's run for the same epochs, so both have trained equally long.
+    """
+
+    def __init__(self, config: StudyConfig, evaluator: Evaluator, log: Callable[[str], None]) -> None:
+        self.config, self.evaluator, self.log = config, evaluator, log
+        self.b = config.buildup
+        self.min_seeds, self.max_seeds = config.seed_budget
+        self.origin: dict[str, str] = {}  # warm start: placement -> the incumbent it inherits from
+        self.runs: dict[str, dict[int, CandidateResult]] = {}  # placement -> seed -> representative run
+        self.spent, self.epochs_trained = 0.0, 0
+        self.label = ""
+
+    # -- runs ---------------------------------------------------------------------------------------------------
+    def _get(self, placement: str, seed: int, parent: CandidateResult | None = None,
+             stop_after: int | None = None) -> CandidateResult:
+        fresh = not self.evaluator.has_result(placement, seed, parent)
+        if fresh:
+            what = "control (continued)" if parent is not None and parent.placement == placement else \
+                "warm start" if parent is not None else ""
+            upto = f", up to epoch {stop_after}" if stop_after else ""
+            self.log(f"{self.label} training {placement}  seed {seed}{'  ' + what if what else ''}{upto}")
+        result = self.evaluator.evaluate(placement, seed, parent=parent, stop_after=stop_after)
+        if fresh:
+            self.spent += result.wall_time
+            self.epochs_trained += result.epochs_trained
+            if result.status not in ("completed", "paused"):
+                self.log(f"    {result.status}: {result.error}")
+        return result
+
+    def representative(self, placement: str, seed: int, stop_after: int | None = None) -> CandidateResult:
+        origin = self.origin.get(placement) if self.b.warm_start else None
+        parent = None
+        if origin is not None:
+            parent = self.representative(origin, seed)
+            if parent.status != "completed":
+                return parent
+        result = self._get(placement, seed, parent, stop_after)
+        if result.status == "completed":
+            self.runs.setdefault(placement, {})[seed] = result
+        return result
+
+    def control(self, incumbent: str, seed: int) -> CandidateResult:
+        """What a child is compared with: the incumbent's run, continued for the warm-start epochs if warm."""
+        run = self.representative(incumbent, seed)
+        if not self.b.warm_start or run.status != "completed":
+            return run
+        return self._get(incumbent, seed, parent=run)
+
+    # -- decisions ----------------------------------------------------------------------------------------------
+    def start(self, placement: str) -> list[CandidateResult]:
+        return [self.representative(placement, seed) for seed in self.config.seeds[: self.min_seeds]]
+
+    def screen_epoch(self) -> int | None:
+        if self.b.screen_at is None:
+            return None
+        total = (self.evaluator.warm_recipe() if self.b.warm_start else self.config.recipe).total_epochs
+        epoch = max(1, round(self.b.screen_at * total))
+        return epoch if epoch < total else None
+
+    def compare(self, child: str, incumbent: str) -> tuple[Verdict, list[CandidateResult], list[int]]:
+        """Race ``child`` against ``incumbent`` over the seed pool: (verdict, child's runs, seeds used)."""
+        if self.b.warm_start:
+            self.origin[child] = incumbent
+        pool = list(self.config.seeds)
+        pairs: list[tuple[CandidateResult, CandidateResult]] = []
+
+        def evidence(k: int) -> tuple[np.ndarray, np.ndarray]:
+            while len(pairs) < k and pool:
+                seed = pool.pop(0)
+                theirs = self.control(incumbent, seed)
+                if theirs.status != "completed":  # the incumbent diverged with this seed: pair on the next one
+                    self.log(f"    {incumbent} with seed {seed} ended {theirs.status}; using the next seed")
+                    continue
+                ours = self.representative(child, seed)
+                if ours.status != "completed":
+                    raise _ChildFailed(ours)
+                pairs.append((ours, theirs))
+            if not pairs:
+                raise _ChildFailed(self.control(incumbent, self.config.seeds[0]))  # the incumbent never finished
+            return (np.stack([correctness(c) for c, _ in pairs]), np.stack([correctness(p) for _, p in pairs]))
+
+        def report(look: Comparison, seeds: int, more: bool) -> None:
+            then = f"undecided -> adding seed {pool[0]}" if more and pool else (
+                look.decision if look.decision != "undecided" else "undecided at the seed budget -> reject")
+            self.log(f"    {look.describe().rsplit('  ', 1)[0]}  {then}")
+
+        try:
+            self._screen(child, incumbent)
+            outcome = sequential_compare(evidence, min_seeds=self.min_seeds, max_seeds=self.max_seeds,
+                                         min_gain=self.b.min_gain, confidence=self.b.confidence, on_look=report)
+        except _ChildFailed as failed:  # a child run (or every run of the incumbent) failed: no gain
+            runs = [c for c, _ in pairs] + ([failed.result] if failed.result.placement == child else [])
+            return Verdict(False, "failure"), runs, [r.seed for r in runs]
+        except _Screened as screened:
+            return (Verdict.from_comparison(screened.comparison, False, "screen"), screened.runs,
+                    [r.seed for r in screened.runs])
+        used = pairs[: outcome.final.n_seeds]
+        return (Verdict.from_comparison(outcome.final, outcome.decision == "accept", outcome.decided_by),
+                [c for c, _ in used], [c.seed for c, _ in used])
+
+    def _screen(self, child: str, incumbent: str) -> None:
+        """Early look at ``screen_at`` of the epochs on the first ``min_seeds`` seeds: a child confidently worse
+        there stops (its checkpoint stays, so it resumes if it is ever needed again)."""
+        epoch = self.screen_epoch()
+        if epoch is None:
+            return
+        ours, theirs = [], []
+        for seed in self.config.seeds:
+            if len(ours) == self.min_seeds:
+                break
+            control = self.control(incumbent, seed)
+            if control.status != "completed":
+                continue
+            run = self.representative(child, seed, stop_after=epoch)
+            if run.status not in ("completed", "paused"):
+                raise _ChildFailed(run)
+            ours.append(run)
+            theirs.append(control)
+        look = compare_paired(np.stack([correctness(r, epoch) for r in ours]),
+                              np.stack([correctness(r, epoch) for r in theirs]), self.b.min_gain, self.b.confidence)
+        verdict = "confidently worse -> stopped" if look.decision == "reject" else "-> training on"
+        self.log(f"    screen at epoch {epoch}: {look.describe().rsplit('  ', 1)[0]}  {verdict}")
+        if look.decision == "reject":
+            raise _Screened(look, ours)
 
 
 @dataclass
@@ -126,47 +316,51 @@ def run_buildup(
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> BuildupOutcome:
-    """Run (or resume) the build-up search of ``config``; writes the study folder as it goes."""
+    """Run (or resume) the build-up search of ``config``; writes the study folder as it goes.
+
+    Every child is raced against the incumbent (the best so far) over the seed pool: ``min_seeds`` first, one
+    more while the paired comparison is undecided, up to ``max_seeds`` (then rejected by the seed budget).
+    Resuming replays every decision from cached runs and continues mid-comparison where it stopped.
+    """
     folder = StudyFolder(config.output_dir)
     folder.lock()
     try:
         folder.save_config(config)
         evaluator = Evaluator(config, folder, quiet=quiet)
+        racer = _Racer(config, evaluator, log)
         b = config.buildup
         from alternas.models.bases import get_base
 
         start = Placement.parse(b.start) if b.start else Placement.all_conv(get_base(config.base).depths)
         policy = BuildupPolicy(start, min_gain=b.min_gain, patience=b.patience)
-        results_by_placement: dict[str, list[CandidateResult]] = {}
-        spent, epochs, stopped_by = 0.0, 0, "finished"
+        used_runs: dict[str, list[CandidateResult]] = {}
+        stopped_by = "finished"
         began = time.perf_counter()
         while (placement := policy.propose()) is not None:
             if len(policy.steps) >= b.max_candidates:
                 stopped_by = "max_candidates"
                 break
-            if b.budget_hours is not None and spent / 3600 >= b.budget_hours:
+            if b.budget_hours is not None and racer.spent / 3600 >= b.budget_hours:
                 stopped_by = "budget"
                 break
-            parent = policy.proposal_parent if b.warm_start else None
-            runs = []
-            for seed in config.seeds:
-                parent_result = _best_run(results_by_placement.get(str(parent), []), seed) if parent else None
-                log(f"[candidate {len(policy.steps) + 1}/<={b.max_candidates}] {placement}  "
-                    f"({placement.describe()})  seed {seed}" + ("  warm start" if parent_result else ""))
-                result = evaluator.evaluate(placement, seed, parent=parent_result)
-                runs.append(result)
-                spent += result.wall_time
-                epochs += result.epochs_trained
-                if result.status != "completed":
-                    log(f"    {result.status}: {result.error}")
-            results_by_placement[str(placement)] = runs
+            racer.label = f"[candidate {len(policy.steps) + 1}/<={b.max_candidates}]"
+            name = str(placement)
+            log(f"{racer.label} {name}  ({placement.describe()})"
+                + (f"  vs {policy.best}" if policy.best is not None else "  start"))
+            if policy.best is None:
+                runs = racer.start(name)
+                verdict = None
+            else:
+                verdict, runs, _ = racer.compare(name, str(policy.best))
+            used_runs[name] = runs
             score, sd = _mean_sd(runs)
-            step = policy.observe(score, sd)
-            gain = "" if step.gain is None else f"  gain {step.gain:+.2f}"
+            step = policy.observe(score, sd, verdict, [r.seed for r in runs])
             score_text = "n/a" if score is None else f"{score:.2f} ± {sd:.2f}"
-            log(f"    val acc {score_text}{gain}  -> {step.decision}; best {step.best_after}")
-            _write_trajectory(folder, policy, results_by_placement)
-        outcome = BuildupOutcome(str(policy.best), policy.steps, len(policy.steps), epochs, stopped_by)
+            how = f" ({step.decided_by})" if step.decided_by else ""
+            log(f"    val acc {score_text} over seeds {step.seeds_used}  -> {step.decision}{how}; "
+                f"best {step.best_after}")
+            _write_trajectory(folder, policy, used_runs, racer.runs, config)
+        outcome = BuildupOutcome(str(policy.best), policy.steps, len(policy.steps), racer.epochs_trained, stopped_by)
         folder.write_json("buildup.json", {**asdict(outcome), "wall_time": time.perf_counter() - began,
                                            "config": config.to_dict()})
         return outcome
@@ -174,22 +368,22 @@ def run_buildup(
         folder.unlock()
 
 
-def _best_run(runs: list[CandidateResult], seed: int) -> CandidateResult | None:
-    """The parent's run with the same seed (warm start inherits from it), if it finished."""
-    for r in runs:
-        if r.seed == seed and r.status == "completed":
-            return r
-    return None
-
-
-def _write_trajectory(folder: StudyFolder, policy: BuildupPolicy, results: dict[str, list[CandidateResult]]) -> None:
+def _write_trajectory(folder: StudyFolder, policy: BuildupPolicy, used: dict[str, list[CandidateResult]],
+                      representative: dict[str, dict[int, CandidateResult]], config: StudyConfig) -> None:
+    """``trajectory.json``: every step with its decision evidence, plus the runs that stand for each placement
+    (``keys``: every finished seed, which grows as later comparisons add seeds to an incumbent)."""
     rows = []
     for step in policy.steps:
-        runs = results.get(step.placement, [])
+        runs = used.get(step.placement, [])
+        known = {r.seed: r for r in runs if r.status == "completed"}
+        known.update(representative.get(step.placement, {}))
         row = asdict(step)
-        row["keys"] = [r.key for r in runs]
+        row["keys"] = [r.key for _, r in sorted(known.items())]
+        row["statuses"] = [r.status for r in runs]
         for metric in ("lambda_max", "nep", "ape", "test_acc", "wall_time"):
             values = [getattr(r, metric) for r in runs if getattr(r, metric) is not None]
             row[metric] = statistics.fmean(values) if values else None
         rows.append(row)
-    folder.write_json("trajectory.json", {"best": str(policy.best), "steps": rows})
+    folder.write_json("trajectory.json", {"best": str(policy.best), "confidence": config.buildup.confidence,
+                                          "min_gain": config.buildup.min_gain, "seed_pool": list(config.seeds),
+                                          "seed_budget": list(config.seed_budget), "steps": rows})

@@ -46,7 +46,7 @@ class CandidateResult:
     base: str
     epochs: int
     subset: float | None
-    status: str  # completed | diverged | failed
+    status: str  # completed | diverged | failed (final); paused (stopped early on purpose, never cached)
     val_acc: float | None = None
     val_nll: float | None = None
     val_ece: float | None = None
@@ -111,6 +111,15 @@ class Evaluator:
                 return result
         return None
 
+    def key_for(self, placement: str | Placement, seed: int, parent: CandidateResult | None = None) -> str:
+        """The cache key ``evaluate`` uses for these arguments."""
+        recipe = self.warm_recipe() if parent else self.config.recipe
+        return candidate_key(Placement.parse(placement), self.config, recipe, seed, parent.key if parent else None)
+
+    def has_result(self, placement: str | Placement, seed: int, parent: CandidateResult | None = None) -> bool:
+        """Whether ``evaluate`` would answer from the cache (nothing to train)."""
+        return self.cached(self.key_for(placement, seed, parent)) is not None
+
     def warm_recipe(self) -> Recipe:
         b = self.config.buildup
         epochs = b.warm_start_epochs or max(1, self.config.recipe.epochs // 2)
@@ -123,16 +132,17 @@ class Evaluator:
         *,
         parent: CandidateResult | None = None,
         epoch_callback: EpochCallback | None = None,
+        stop_after: int | None = None,
     ) -> CandidateResult:
         """Train and score ``placement`` with ``seed`` (or return the cached result).
 
         With ``parent`` (a finished candidate), the model starts from the parent's weights except for blocks whose
-        type changed, and trains the shorter warm-start recipe.
+        type changed, and trains the shorter warm-start recipe. ``stop_after=k`` trains only up to epoch ``k`` and
+        returns status ``paused`` (not cached: a later call resumes from the epoch-``k`` checkpoint).
         """
-        cfg = self.config
         placement = Placement.parse(placement)
-        recipe = self.warm_recipe() if parent else cfg.recipe
-        key = candidate_key(placement, cfg, recipe, seed, parent.key if parent else None)
+        recipe = self.warm_recipe() if parent else self.config.recipe
+        key = self.key_for(placement, seed, parent)
         hit = self.cached(key)
         if hit is not None:
             return hit
@@ -140,7 +150,7 @@ class Evaluator:
             hit = self.cached(key)
             if hit is not None:
                 return hit
-            return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback)
+            return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback, stop_after)
 
     @contextmanager
     def _candidate_lock(self, key: str) -> Iterator[None]:
@@ -154,7 +164,8 @@ class Evaluator:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _train_and_score(self, placement: Placement, seed: int, recipe: Recipe, key: str,
-                         parent: CandidateResult | None, epoch_callback: EpochCallback | None) -> CandidateResult:
+                         parent: CandidateResult | None, epoch_callback: EpochCallback | None,
+                         stop_after: int | None = None) -> CandidateResult:
         cfg = self.config
         run_dir = self.folder.candidates / key
         base = dict(key=key, placement=str(placement), num_msa=placement.num_msa, seed=seed, base=cfg.base,
@@ -168,13 +179,15 @@ class Evaluator:
             init = self._inherited_weights(model, parent) if parent else None
             run = fit(model, data, recipe, run_dir, seed=seed, device=cfg.device, resume=True, quiet=self.quiet,
                       run_config=run_config(model, asdict(cfg.data)), epoch_callback=epoch_callback,
-                      init_weights=init)
+                      init_weights=init, stop_after=stop_after)
             result = CandidateResult(
                 **base, status=run.status, val_acc=run.val.get("acc"), val_nll=run.val.get("nll"),
                 val_ece=run.val.get("ece"), test_acc=run.test.get("acc"), params=params, flops=flops,
                 images_per_s=run.images_per_s, wall_time=run.wall_time, epochs_trained=run.epochs_completed,
                 error=run.error,
             )
+            if run.status == "paused":
+                return result
             if run.status == "completed" and (cfg.diagnostics.hessian or cfg.diagnostics.fourier):
                 t0 = time.perf_counter()
                 model.to(pick_device(cfg.device))

@@ -261,6 +261,7 @@ class _Objective:
         trial.set_user_attr("delta_high", done[0].delta_high if done else {})
         trial.set_user_attr("run_dirs", [r.run_dir for r in runs])
         trial.set_user_attr("keys", [r.key for r in runs])
+        trial.set_user_attr("seeds", [r.seed for r in runs])
         trial.set_user_attr("statuses", [r.status for r in runs])
 
 

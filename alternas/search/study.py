@@ -30,7 +30,11 @@ class BuildupConfig:
     """Settings of the build-up search (PAPER.md §3)."""
 
     start: str | None = None  # placement to start from; default: the base's all-Conv net
-    min_gain: float = 0.1  # accept an MSA only if mean val accuracy (over seeds) improves by more (pp)
+    min_gain: float = 0.1  # accept an MSA only if its paired val-accuracy gain is confidently above this (pp)
+    confidence: float = 0.9  # accept when P(gain > min_gain) >= confidence, reject when <= 1 - confidence
+    min_seeds: int | None = None  # seeds a comparison starts with; default min(2, len(seeds))
+    max_seeds: int | None = None  # seeds it may grow to while undecided; default min(5, len(seeds))
+    screen_at: float | None = None  # look at this fraction of the epochs first; stop confidently worse children
     patience: int = 0  # after a reject, keep adding MSAs in the same stage on the rejected net this many times
     max_candidates: int = 50  # placements evaluated, the start included
     budget_hours: float | None = None  # stop once candidates have used this much wall time
@@ -80,8 +84,28 @@ class StudyConfig:
             raise ConfigError("seeds: give at least one seed")
         if self.buildup.start is not None:
             Placement.parse(self.buildup.start)
-        if self.buildup.min_gain < 0 or self.buildup.patience < 0 or self.buildup.max_candidates < 1:
+        b = self.buildup
+        if b.min_gain < 0 or b.patience < 0 or b.max_candidates < 1:
             raise ConfigError("buildup: min_gain and patience must be >= 0 and max_candidates >= 1")
+        if not 0.5 < b.confidence < 1:
+            raise ConfigError(f"buildup.confidence must be in (0.5, 1), got {b.confidence}")
+        if b.screen_at is not None and not 0 < b.screen_at < 1:
+            raise ConfigError(f"buildup.screen_at must be a fraction of the epochs in (0, 1), got {b.screen_at}")
+        for key in ("min_seeds", "max_seeds"):
+            value = getattr(b, key)
+            if value is not None and not 1 <= value <= len(self.seeds):
+                raise ConfigError(f"buildup.{key} must be between 1 and the number of seeds in the pool "
+                                  f"({len(self.seeds)}: {list(self.seeds)}), got {value}; add seeds or lower it")
+        low, high = self.seed_budget
+        if low > high:
+            raise ConfigError(f"buildup.min_seeds ({low}) must not exceed buildup.max_seeds ({high})")
+
+    @property
+    def seed_budget(self) -> tuple[int, int]:
+        """(min_seeds, max_seeds) of a build-up comparison, the defaults bounded by the seed pool."""
+        b, pool = self.buildup, len(self.seeds)
+        high = b.max_seeds if b.max_seeds is not None else min(5, pool)
+        return (b.min_seeds if b.min_seeds is not None else min(2, high)), high
 
     @property
     def output_dir(self) -> Path:
