@@ -243,15 +243,9 @@ class _Racer:
 
         def evidence(k: int) -> tuple[np.ndarray, np.ndarray]:
             while len(pairs) < k and pool:
-                seed = pool.pop(0)
-                theirs = self.control(incumbent, seed)
-                if theirs.status != "completed":  # the incumbent diverged with this seed: pair on the next one
-                    self.log(f"    {incumbent} with seed {seed} ended {theirs.status}; using the next seed")
-                    continue
-                ours = self.representative(child, seed)
-                if ours.status != "completed":
-                    raise _ChildFailed(ours)
-                pairs.append((ours, theirs))
+                pair = self._pair(child, incumbent, pool.pop(0))
+                if pair is not None:
+                    pairs.append(pair)
             if not pairs:
                 raise _ChildFailed(self.control(incumbent, self.config.seeds[0]))  # the incumbent never finished
             return (np.stack([correctness(c) for c, _ in pairs]), np.stack([correctness(p) for _, p in pairs]))
@@ -275,6 +269,20 @@ class _Racer:
         return (Verdict.from_comparison(outcome.final, outcome.decision == "accept", outcome.decided_by),
                 [c for c, _ in used], [c.seed for c, _ in used])
 
+    def _pair(self, child: str, incumbent: str, seed: int,
+              stop_after: int | None = None) -> tuple[CandidateResult, CandidateResult] | None:
+        """(child's run, what it is compared with) for ``seed``, or ``None`` when the incumbent did not finish with
+        that seed (the comparison pairs on the next one). A failed child run raises ``_ChildFailed``."""
+        theirs = self.control(incumbent, seed)
+        if theirs.status != "completed":
+            if stop_after is None:
+                self.log(f"    {incumbent} with seed {seed} ended {theirs.status}; using the next seed")
+            return None
+        ours = self.representative(child, seed, stop_after)
+        if ours.status not in ("completed", "paused"):
+            raise _ChildFailed(ours)
+        return ours, theirs
+
     def _screen(self, child: str, incumbent: str) -> None:
         """Early look at ``screen_at`` of the epochs on the first ``min_seeds`` seeds: a child confidently worse
         there stops (its checkpoint stays, so it resumes if it is ever needed again)."""
@@ -285,14 +293,10 @@ class _Racer:
         for seed in self.config.seeds:
             if len(ours) == self.min_seeds:
                 break
-            control = self.control(incumbent, seed)
-            if control.status != "completed":
-                continue
-            run = self.representative(child, seed, stop_after=epoch)
-            if run.status not in ("completed", "paused"):
-                raise _ChildFailed(run)
-            ours.append(run)
-            theirs.append(control)
+            pair = self._pair(child, incumbent, seed, stop_after=epoch)
+            if pair is not None:
+                ours.append(pair[0])
+                theirs.append(pair[1])
         look = compare_paired(np.stack([correctness(r, epoch) for r in ours]),
                               np.stack([correctness(r, epoch) for r in theirs]), self.b.min_gain, self.b.confidence)
         verdict = "confidently worse -> stopped" if look.decision == "reject" else "-> training on"
