@@ -270,6 +270,7 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
                       if r.placement == outcome.steps[0].placement and r.status == "completed" and r.parent is None]
         runs.append({
             "seeds": list(seeds), "best": outcome.best, "wall_s": wall, "decisions": len(decided),
+            "steps": [[s.placement, s.decision, s.decided_by] for s in decided],
             "seeds_per_decision": statistics.fmean(len(s.seeds_used) for s in decided) if decided else 0.0,
             "candidate_epochs": _epochs_trained(root / f"pool-{k}"),
             "budget_decided": sum(s.decided_by == "seed budget" for s in decided),

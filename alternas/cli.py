@@ -338,13 +338,21 @@ def _study_options(func: Any) -> Any:
 @_study_options
 @click.option("--start", default=None, help="Placement to start from (default: the base's all-Conv net).")
 @click.option("--min-gain", type=click.FloatRange(min=0), default=None, help="Accuracy gain (pp) to accept an MSA.")
+@click.option("--confidence", type=click.FloatRange(0.5, 1, min_open=True, max_open=True), default=None,
+              help="Accept when P(gain > min gain) reaches this; reject when it falls to 1 - this.")
+@click.option("--min-seeds", type=click.IntRange(min=1), default=None, help="Seeds a comparison starts with.")
+@click.option("--max-seeds", type=click.IntRange(min=1), default=None,
+              help="Seeds it may grow to while undecided (then: reject by the seed budget).")
+@click.option("--screen-at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Look at this fraction of the epochs first; stop children confidently worse there.")
 @click.option("--patience", type=click.IntRange(min=0), default=None)
 @click.option("--max-candidates", type=click.IntRange(min=1), default=None)
 @click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
 def buildup(study_file: str | None, name: str | None, base: str | None, data_name: str | None,
             data_root: str | None, subset: float | None, recipe_name: str | None, epochs: int | None,
-            seeds: str | None, start: str | None, min_gain: float | None, patience: int | None,
+            seeds: str | None, start: str | None, min_gain: float | None, confidence: float | None,
+            min_seeds: int | None, max_seeds: int | None, screen_at: float | None, patience: int | None,
             max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, out_dir: str | None,
             device: str | None, quiet: bool) -> None:
     """Run (or resume) the automated build-up search; finished candidates are never retrained."""
@@ -353,6 +361,8 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
 
     config = _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds,
                            out_dir, device, {"buildup.start": start, "buildup.min_gain": min_gain,
+                                             "buildup.confidence": confidence, "buildup.min_seeds": min_seeds,
+                                             "buildup.max_seeds": max_seeds, "buildup.screen_at": screen_at,
                                              "buildup.patience": patience, "buildup.max_candidates": max_candidates,
                                              "buildup.budget_hours": budget_hours, "buildup.warm_start": warm_start})
     click.echo(f"study {config.name}: base {config.base}, data {config.data.name}, recipe {config.recipe.name} "
@@ -470,8 +480,10 @@ SLOW_BENCHMARKS = ("decisions",)  # run only when named
               help="decisions: how many disjoint seed pools.")
 @click.option("--out", "out_dir", default=None, help="decisions: folder of the per-pool studies (resumable).")
 @click.option("--json", "as_json", is_flag=True, help="decisions: print the figures as one JSON object.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="decisions: override a study key, e.g. buildup.screen_at=0.4 (repeatable).")
 def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: str, pools: int,
-          out_dir: str | None, as_json: bool) -> None:
+          out_dir: str | None, as_json: bool, sets: tuple[str, ...]) -> None:
     """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
     DataLoader pipeline, Lanczos vs PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward.
     Default: all of them. `decisions` (only when named: minutes per pool) runs a study's build-up on disjoint
@@ -481,7 +493,12 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
 
     for name in which or BENCHMARKS:
         if name == "decisions":
-            r = b.decision_agreement(study_file, pools, out_dir, {"device": device} if device else None,
+            import yaml
+
+            overrides = {key: yaml.safe_load(value) for key, value in _parse_sets(sets).items()}
+            if device:
+                overrides["device"] = device
+            r = b.decision_agreement(study_file, pools, out_dir, overrides,
                                      log=lambda line: click.echo(line, err=as_json))
             if as_json:
                 click.echo(json.dumps(r))

@@ -226,6 +226,13 @@ def test_seed_budget_is_checked_against_the_pool(tmp_path) -> None:
         study_from_dict(_study(tmp_path, seeds=[0, 1, 2], buildup={"min_seeds": 3, "max_seeds": 2}))
     assert study_from_dict(_study(tmp_path, seeds=[0])).seed_budget == (1, 1)
     assert study_from_dict(_study(tmp_path, seeds=list(range(8)))).seed_budget == (2, 5)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(_study(tmp_path, seeds=[0, 1, 2])))
+    res = run_cli("buildup", "--study", str(path), "--max-seeds", "4")
+    assert res.returncode == 2 and "buildup.max_seeds must be between 1 and the number of seeds in the pool (3" in \
+        res.stderr and len(res.stderr.strip().splitlines()) == 1
+    res = run_cli("bench", "decisions", "--study", str(path), "--set", "buildup.screen_at=1.5")
+    assert res.returncode == 2 and "buildup.screen_at must be a fraction" in res.stderr
 
 
 def test_report_and_export_of_the_best_candidate(tmp_path) -> None:

@@ -128,6 +128,25 @@ def test_drop_path_is_active_in_training_only() -> None:
         assert not torch.equal(model(x), model(x))
 
 
+@pytest.mark.parametrize("base, placement", [("tiny", "CC,CM,CM,CM"), ("resnet50", PAPER_CIFAR)])
+def test_zero_init_last_starts_every_block_as_its_shortcut(base: str, placement: str) -> None:
+    zeroed = build_model(placement, base, num_classes=10, image_size=32, drop_path=0.0, zero_init_last=True)
+    default = build_model(placement, base, num_classes=10, image_size=32, drop_path=0.0)
+    x = torch.randn(2, 3, 32, 32)
+    kinds = set()
+    with torch.no_grad():
+        for (info, block), (_, plain) in zip(list(zeroed.units())[1:], list(default.units())[1:], strict=True):
+            kinds.add(info.kind)
+            size = info.feature_size * (2 if info.subsamples else 1)
+            features = torch.randn(2, block.norm1.num_features, size, size)
+            pre = block.act1(block.norm1(features))
+            skip = features if block.shortcut is None else block.shortcut(pre)
+            assert torch.allclose(block(features), skip)
+            assert plain.branch(plain.act1(plain.norm1(features))).abs().max() > 0  # the default init is not zero
+    assert kinds == {"conv", "msa"}
+    assert zeroed(x).shape == (2, 10)
+
+
 def test_flops_match_a_hand_count_for_a_conv_block() -> None:
     conv = build_model("C,C,C,C", "tiny", num_classes=10, image_size=32)
     two = build_model("CC,C,C,C", "tiny", num_classes=10, image_size=32)

@@ -74,6 +74,7 @@ class AlterNet(nn.Module):
         stem_pool: bool | None = None,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         self.placement = Placement.parse(placement)
@@ -140,6 +141,10 @@ class AlterNet(nn.Module):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         self.pretrained_cfg = self._default_cfg()
+        if zero_init_last:
+            for module in self.modules():
+                if hasattr(module, "zero_init_last"):
+                    module.zero_init_last()
 
     # -- timm interface ------------------------------------------------------------------------------------------
     def _default_cfg(self) -> dict[str, Any]:
@@ -215,7 +220,7 @@ def build_model(
 ) -> AlterNet:
     """Build the AlterNet that ``placement`` describes on ``base`` (PAPER.md §1).
 
-    ``overrides`` go to :class:`AlterNet` (``in_chans``, ``stem_pool``, ``mean``, ``std``). Raises
+    ``overrides`` go to :class:`AlterNet` (``in_chans``, ``stem_pool``, ``mean``, ``std``, ``zero_init_last``). Raises
     ``PlacementError``/``ConfigError`` with an actionable message for a placement the base cannot take.
     """
     return AlterNet(

@@ -43,6 +43,21 @@ class _PreActResidual(nn.Module):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def last_layer(self) -> nn.Module:
+        """The layer that ends the residual branch."""
+        raise NotImplementedError
+
+    def zero_init_last(self) -> None:
+        """Zero the branch's last layer, so the block starts as its shortcut (timm's ``zero_init_last``).
+
+        A net of such blocks starts close to a shallow one and leaves the chance-level plateau sooner; short
+        trainings then depend far less on the seed.
+        """
+        last = self.last_layer()
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.act1(self.norm1(x))
         skip = x if self.shortcut is None else self.shortcut(pre)
@@ -64,6 +79,9 @@ class BasicBlock(_PreActResidual):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv2(self.act2(self.norm2(self.conv1(x))))
 
+    def last_layer(self) -> nn.Module:
+        return self.conv2
+
 
 class Bottleneck(_PreActResidual):
     """1x1 reduce, 3x3 (carrying the stride, ResNet v1.5 style), 1x1 expand by 4 (ResNet-50/101/152)."""
@@ -83,6 +101,9 @@ class Bottleneck(_PreActResidual):
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act2(self.norm2(self.conv1(x)))
         return self.conv3(self.act3(self.norm3(self.conv2(x))))
+
+    def last_layer(self) -> nn.Module:
+        return self.conv3
 
 
 def relative_position_index(window_size: int) -> torch.Tensor:
@@ -197,6 +218,9 @@ class MSABlock(_PreActResidual):
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
         return self.attn(self.norm2(self.conv(x)))
+
+    def last_layer(self) -> nn.Module:
+        return self.attn.proj
 
 
 CONV_BLOCKS: dict[str, type[_PreActResidual]] = {"basic": BasicBlock, "bottleneck": Bottleneck}

@@ -190,6 +190,8 @@ def with_overrides(config: StudyConfig, overrides: dict[str, Any]) -> StudyConfi
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"unknown study key {dotted!r}: {p!r} is not a section of a study")
             node = node[p]
         node[leaf] = list(value) if isinstance(value, tuple) else value
     recipe = dict(data["recipe"])

@@ -26,7 +26,7 @@ def model_for(
         torch.manual_seed(seed)
         return build_model(
             placement, base, num_classes=data.num_classes, image_size=data.image_size, window_size=window_size,
-            drop_path=recipe.drop_path, mean=data.mean, std=data.std,
+            drop_path=recipe.drop_path, mean=data.mean, std=data.std, zero_init_last=recipe.zero_init_last,
         )
 
 
