@@ -234,21 +234,24 @@ class _Racer:
         epoch = max(1, round(self.b.screen_at * total))
         return epoch if epoch < total else None
 
-    def compare(self, child: str, incumbent: str) -> tuple[Verdict, list[CandidateResult], list[int]]:
-        """Race ``child`` against ``incumbent`` over the seed pool: (verdict, child's runs, seeds used)."""
+    def compare(self, child: str, incumbent: str) -> tuple[Verdict, list[CandidateResult]]:
+        """Race ``child`` against ``incumbent`` over the seed pool: (verdict, the child's runs it used)."""
         if self.b.warm_start:
             self.origin[child] = incumbent
         pool = list(self.config.seeds)
         pairs: list[tuple[CandidateResult, CandidateResult]] = []
+        rows: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])  # each pair's evidence, read from disk once
 
         def evidence(k: int) -> tuple[np.ndarray, np.ndarray]:
             while len(pairs) < k and pool:
                 pair = self._pair(child, incumbent, pool.pop(0))
                 if pair is not None:
                     pairs.append(pair)
+                    rows[0].append(correctness(pair[0]))
+                    rows[1].append(correctness(pair[1]))
             if not pairs:
                 raise _ChildFailed(self.control(incumbent, self.config.seeds[0]))  # the incumbent never finished
-            return (np.stack([correctness(c) for c, _ in pairs]), np.stack([correctness(p) for _, p in pairs]))
+            return np.stack(rows[0]), np.stack(rows[1])
 
         def report(look: Comparison, seeds: int, more: bool) -> None:
             then = f"undecided -> adding seed {pool[0]}" if more and pool else (
@@ -261,13 +264,12 @@ class _Racer:
                                          min_gain=self.b.min_gain, confidence=self.b.confidence, on_look=report)
         except _ChildFailed as failed:  # a child run (or every run of the incumbent) failed: no gain
             runs = [c for c, _ in pairs] + ([failed.result] if failed.result.placement == child else [])
-            return Verdict(False, "failure"), runs, [r.seed for r in runs]
+            return Verdict(False, "failure"), runs
         except _Screened as screened:
-            return (Verdict.from_comparison(screened.comparison, False, "screen"), screened.runs,
-                    [r.seed for r in screened.runs])
-        used = pairs[: outcome.final.n_seeds]
+            return Verdict.from_comparison(screened.comparison, False, "screen"), screened.runs
+        used = pairs[: outcome.seeds_used]
         return (Verdict.from_comparison(outcome.final, outcome.decision == "accept", outcome.decided_by),
-                [c for c, _ in used], [c.seed for c, _ in used])
+                [c for c, _ in used])
 
     def _pair(self, child: str, incumbent: str, seed: int,
               stop_after: int | None = None) -> tuple[CandidateResult, CandidateResult] | None:
@@ -355,7 +357,7 @@ def run_buildup(
                 runs = racer.start(name)
                 verdict = None
             else:
-                verdict, runs, _ = racer.compare(name, str(policy.best))
+                verdict, runs = racer.compare(name, str(policy.best))
             used_runs[name] = runs
             score, sd = _mean_sd(runs)
             step = policy.observe(score, sd, verdict, [r.seed for r in runs])

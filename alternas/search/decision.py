@@ -26,13 +26,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import stats
-
-DECISIONS = ("accept", "reject", "undecided")
 
 
 @dataclass(frozen=True)
@@ -51,11 +48,6 @@ class Comparison:
     n_seeds: int
     n_examples: int
     seed_gains: tuple[float, ...]  # the gain seed by seed, pp
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["ci"], out["seed_gains"] = list(self.ci), list(self.seed_gains)
-        return out
 
     def describe(self) -> str:
         """One line for the terminal: gain, interval, probability, decision."""
@@ -126,8 +118,11 @@ class SequentialOutcome:
     final: Comparison
     decision: str  # accept | reject
     decided_by: str  # confidence | seed budget
-    seeds_used: int
     looks: list[Comparison] = field(default_factory=list)
+
+    @property
+    def seeds_used(self) -> int:
+        return self.final.n_seeds
 
 
 def sequential_compare(
@@ -158,7 +153,7 @@ def sequential_compare(
         if on_look is not None:
             on_look(look, look.n_seeds, more)
         if look.decision != "undecided":
-            return SequentialOutcome(look, look.decision, "confidence", look.n_seeds, looks)
+            return SequentialOutcome(look, look.decision, "confidence", looks)
         if not more:
             break
-    return SequentialOutcome(looks[-1], "reject", "seed budget", looks[-1].n_seeds, looks)
+    return SequentialOutcome(looks[-1], "reject", "seed budget", looks)
