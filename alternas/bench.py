@@ -16,7 +16,7 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
-from alternas.train.fit import pick_device, training_memory_format
+from alternas.train.fit import pick_device, training_autocast, training_memory_format
 
 
 def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
@@ -42,8 +42,11 @@ def _seconds(fn: Callable[[], object], dev: torch.device) -> float:
 
 
 def _train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One step as ``fit`` takes it (its mixed precision on this device)."""
     opt.zero_grad(set_to_none=True)
-    F.cross_entropy(model(x), y).backward()
+    with training_autocast(x.device):
+        logits = model(x)
+    F.cross_entropy(logits.float(), y).backward()
     opt.step()
 
 
@@ -51,16 +54,19 @@ def attention_throughput(batch: int = 32, steps: int = 3, rounds: int = 3, devic
     """img/s of the paper's CIFAR-100 AlterNet-50 per attention path: training steps with the default ("auto"),
     forced SDPA and the plain math path; inference (eval, no grad) with the default and the plain path."""
     dev = pick_device(device)
-    model = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32).to(dev)
+    layout = training_memory_format(dev)  # and training_autocast: the layout and precision fit trains in
+    model = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32).to(dev,
+                                                                                              memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x, y = torch.randn(batch, 3, 32, 32, device=dev), torch.randint(0, 100, (batch,), device=dev)
+    x = torch.randn(batch, 3, 32, 32, device=dev).contiguous(memory_format=layout)
+    y = torch.randint(0, 100, (batch,), device=dev)
 
     def passes(train: bool) -> None:
         for _ in range(steps):
             if train:
                 _train_step(model, opt, x, y)
             else:
-                with torch.no_grad():
+                with torch.no_grad(), training_autocast(dev):
                     model(x)
 
     def arm(path: AttentionPath, train: bool) -> Callable[[], float]:

@@ -327,6 +327,8 @@ def _study_options(func: Any) -> Any:
         click.option("--out", "out_dir", default=None, help="Study folder (default studies/<name>)."),
         click.option("--device", default=None),
         click.option("--quiet", is_flag=True, help="No per-epoch progress bars."),
+        click.option("--retry-failed", is_flag=True,
+                     help="Train diverged candidates again (crashed ones are retried by every run anyway)."),
     ]):
         func = option(func)
     return func
@@ -354,7 +356,7 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
             seeds: str | None, start: str | None, min_gain: float | None, confidence: float | None,
             min_seeds: int | None, max_seeds: int | None, screen_at: float | None, patience: int | None,
             max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, out_dir: str | None,
-            device: str | None, quiet: bool) -> None:
+            device: str | None, quiet: bool, retry_failed: bool) -> None:
     """Run (or resume) the automated build-up search; finished candidates are never retrained."""
     from alternas.report import build_report
     from alternas.search import run_buildup
@@ -367,7 +369,7 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
                                              "buildup.budget_hours": budget_hours, "buildup.warm_start": warm_start})
     click.echo(f"study {config.name}: base {config.base}, data {config.data.name}, recipe {config.recipe.name} "
                f"({config.recipe.total_epochs} epochs), seeds {list(config.seeds)} -> {config.output_dir}")
-    outcome = run_buildup(config, quiet=quiet, log=click.echo)
+    outcome = run_buildup(config, quiet=quiet, retry_failed=retry_failed, log=click.echo)
     report = build_report(config.output_dir)
     click.echo(f"best placement: {outcome.best} ({outcome.candidates_evaluated} placements, "
                f"{outcome.candidate_epochs} candidate-epochs trained in this run, stopped: {outcome.stopped_by})")
@@ -424,7 +426,7 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
            objectives: str | None, storage: str | None, study_name: str | None, seed: int | None, name: str | None,
            base: str | None, data_name: str | None, data_root: str | None, subset: float | None,
            recipe_name: str | None, epochs: int | None, seeds: str | None, out_dir: str | None, device: str | None,
-           quiet: bool) -> None:
+           quiet: bool, retry_failed: bool) -> None:
     """Optuna search over placements; run the same command on many machines with one --storage to share a study."""
     from alternas.report import build_report
     from alternas.search.optuna_search import redact, run_optuna
@@ -442,7 +444,7 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
     where = redact(oc.storage) if oc.storage else "the journal file in the study folder"
     click.echo(f"optuna study {oc.study_name or config.name}: {oc.trials} trials in total, sampler {oc.sampler}, "
                f"objectives {list(oc.objectives)}, storage {where} -> {config.output_dir}")
-    study = run_optuna(config, quiet=quiet, log=click.echo)
+    study = run_optuna(config, quiet=quiet, retry_failed=retry_failed, log=click.echo)
     states = [t.state.name for t in study.trials]
     click.echo(f"trials: {len(states)} ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
                f"{states.count('FAIL')} failed)")

@@ -6,6 +6,11 @@ a one-line message and exit code 2. Anything else escaping is a bug and keeps it
 
 from __future__ import annotations
 
+import functools
+import typing
+from collections.abc import Mapping
+from typing import Any
+
 
 def reject_unknown_keys(keys, known, label: str = "key", where: str = "") -> None:
     """One message for every mapping a user writes (recipes, study files): name the first unknown key."""
@@ -13,6 +18,36 @@ def reject_unknown_keys(keys, known, label: str = "key", where: str = "") -> Non
     if unknown:
         prefix = f"{where}: " if where else ""
         raise ConfigError(f"{prefix}unknown {label} {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+
+
+def check_types(cls: type, values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``values`` converted to the declared types of dataclass ``cls``'s fields, by pydantic's lax rules ("3" is an
+    int, 1 a float, a list a tuple, a ``Literal`` one of its choices). A value that does not fit is a one-line
+    ``ConfigError`` naming where, the key, the value and what is allowed. Ranges stay with each dataclass."""
+    from pydantic import ValidationError
+
+    hints = _field_types(cls)
+    out = {}
+    for key, value in values.items():
+        try:
+            out[key] = _adapter(hints[key]).validate_python(value)
+        except ValidationError as err:
+            problem = err.errors()[0]["msg"]
+            raise ConfigError(f"{where}: {key} = {value!r} is not allowed: {problem[:1].lower()}{problem[1:]}"
+                              ) from None
+    return out
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def _adapter(annotation: Any) -> Any:
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(annotation)
 
 
 class AlternasError(Exception):

@@ -1,14 +1,23 @@
 """Atomic file writes: results are read while other workers and processes write them.
 
 A writer fills a temporary file next to the target (named by process id, so concurrent writers never share
-one) and renames it over the target; readers see the old file or the new one, never a torn mix.
+one) and renames it over the target; readers see the old file or the new one, never a torn mix. ``durable``
+writes are fsynced before the rename, so they survive a power cut too (results, weights, checkpoints).
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+# What reading a truncated or garbled file raises: such a file is treated as absent and its work is redone.
+DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> Path:
@@ -27,5 +36,19 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+def atomic_write_text(path: str | Path, text: str, durable: bool = False) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), durable)
+
+
+def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> Path:
+    """A state dict as safetensors, atomically and fsynced: a file that exists is a complete one."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp)), durable=True)
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor] | None:
+    """A safetensors state dict, or ``None`` when the file is missing or damaged."""
+    try:
+        return load_file(str(path))
+    except DAMAGED_FILE_ERRORS:
+        return None

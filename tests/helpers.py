@@ -54,6 +54,21 @@ def write_cifar(root: Path, name: str, n_train: int = 60, n_test: int = 20, seed
     return train_labels
 
 
+def small_study(tmp_path: Path, **overrides) -> dict:
+    """A study mapping that trains in seconds on the CPU (tiny base, 300 shapes images, 1 epoch); a dict override
+    updates its section, anything else replaces the key."""
+    raw = {
+        "name": "t", "base": "tiny", "seeds": [0], "output": str(tmp_path / "study"),
+        "data": {"name": "shapes", "subset": 300, "val_fraction": 0.2},
+        "recipe": {"name": "fast", "epochs": 1, "warmup_epochs": 0, "batch_size": 64},
+        "diagnostics": {"hessian": True, "hessian_batches": 1, "hessian_batch_size": 8, "fourier_images": 16},
+        "buildup": {"min_gain": 0.0, "max_candidates": 3},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return raw
+
+
 def write_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48)) -> None:
     from PIL import Image
 

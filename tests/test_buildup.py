@@ -14,7 +14,7 @@ from alternas.errors import ConfigError, StudyLockedError
 from alternas.placement import Placement
 from alternas.search import BuildupPolicy, Evaluator, StudyFolder, load_study, run_buildup, study_from_dict
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate, run_cli
+from tests.helpers import kill_mid_candidate, run_cli, small_study
 
 PAPER_CIFAR100 = {  # PAPER.md §3.3, in the order the authors evaluated them
     "CCC,CCCC,CCCCCC,CCCC": (82.48, "start"),
@@ -73,20 +73,7 @@ def test_policy_skips_stages_without_a_valid_position() -> None:
     assert seen == ["CC,C,CCM", "CM,C,CCC"]  # stage 2 (one strided block) has no position
 
 
-def _study(tmp_path: Path, **overrides) -> dict:
-    raw = {
-        "name": "t", "base": "tiny", "seeds": [0], "output": str(tmp_path / "study"),
-        "data": {"name": "shapes", "subset": 300, "val_fraction": 0.2},
-        "recipe": {"name": "fast", "epochs": 1, "warmup_epochs": 0, "batch_size": 64},
-        "diagnostics": {"hessian": True, "hessian_batches": 1, "hessian_batch_size": 8, "fourier_images": 16},
-        "buildup": {"min_gain": 0.0, "max_candidates": 3},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict):
-            raw[key] = {**raw.get(key, {}), **value}
-        else:
-            raw[key] = value
-    return raw
+_study = small_study
 
 
 @pytest.mark.parametrize(
@@ -120,7 +107,7 @@ def test_shipped_study_files_are_valid() -> None:
     assert paper.recipe.name == "paper" and paper.buildup.patience == 1 and paper.base == "resnet50"
 
 
-def test_evaluator_caches_by_content_and_records_failures(tmp_path) -> None:
+def test_evaluator_caches_by_content(tmp_path) -> None:
     config = study_from_dict(_study(tmp_path))
     evaluator = Evaluator(config, quiet=True)
     first = evaluator.evaluate("CC,CC,CC,CM", seed=0)
@@ -132,10 +119,8 @@ def test_evaluator_caches_by_content_and_records_failures(tmp_path) -> None:
     assert (Path(first.run_dir) / "model.safetensors").stat().st_mtime_ns == stamp
     other_seed = evaluator.evaluate("CC,CC,CC,CM", seed=1)
     assert other_seed.key != first.key
-    broken = Evaluator(study_from_dict(_study(tmp_path, window_size=3)), quiet=True).evaluate("CC,CC,CC,CM", 0)
-    assert broken.status == "failed" and "not tiled by 3x3" in broken.error
     table = (Path(config.output_dir) / "results.csv").read_text().splitlines()
-    assert len(table) == 4 and "delta_high_c4" in table[0]
+    assert len(table) == 3 and "delta_high_c4" in table[0]
 
 
 def test_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path) -> None:

@@ -65,6 +65,15 @@ class DataConfig:
     seed: int = 0
     image_size: int | None = None  # only for imagefolder (resize); fixed for the others
 
+    def __post_init__(self) -> None:
+        subset = self.subset
+        if subset is not None and (not subset > 0 or (subset > 1 and subset != int(subset))):
+            raise DataError(f"subset must be a fraction in (0, 1] or a whole number of images, got {subset}")
+        if not 0 <= self.val_fraction < 1:
+            raise DataError(f"val_fraction must be in [0, 1) (0: select on the test split), got {self.val_fraction}")
+        if self.image_size is not None and self.image_size < 8:
+            raise DataError(f"image_size must be >= 8 pixels, got {self.image_size}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -81,13 +90,16 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: list[str] = field(default_factory=list)
+    selects_on: str = "val"  # "test" when val_fraction is 0: ``val`` is then the test split itself
 
     @property
     def image_size(self) -> int:
         return int(self.train.images.shape[-1])
 
     def summary(self) -> str:
-        return (f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+        held_out = (f"{len(self.val)} val" if self.selects_on == "val" else
+                    "no val (selection on the test split)")
+        return (f"{self.name}: {len(self.train)} train / {held_out} / {len(self.test)} test, "
                 f"{self.num_classes} classes, {self.image_size}px")
 
 
@@ -240,13 +252,11 @@ def load_data(config: DataConfig | str) -> DataSplits:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.subset is not None:
-        if cfg.subset <= 0 or (cfg.subset > 1 and cfg.subset != int(cfg.subset)):
-            raise DataError(f"subset must be a fraction in (0, 1] or a whole number of images, got {cfg.subset}")
         count = int(cfg.subset) if cfg.subset > 1 else round(cfg.subset * len(train))
         keep, _ = _balanced_pick(train.labels, min(count, len(train)), gen)
         train = train.take(keep)
-    if not 0 <= cfg.val_fraction < 1:
-        raise DataError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
     val_idx, train_idx = _balanced_pick(train.labels, round(cfg.val_fraction * len(train)), gen)
+    if len(val_idx) == 0:  # the paper's protocol: train on every training image, select on the test split
+        return DataSplits(name, train, test, test, num_classes, mean, std, names, selects_on="test")
     return DataSplits(name, train.take(train_idx), train.take(val_idx), test, num_classes, mean, std, names)
 

@@ -43,10 +43,15 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, gen: torch.
 
 
 class TensorLoader:
-    """Batches of an in-memory ``ImageData`` on ``device``, shuffled and augmented with a seeded generator.
+    """Batches of an in-memory ``ImageData`` on ``device``, shuffled and augmented with seeded generators.
 
-    Under data parallelism each rank takes every ``world``-th index of the same permutation. The generator's
-    state is part of the training checkpoint, so a resumed run sees the same batches.
+    Two generators: the shuffle's is seeded alike on every rank, so all ranks draw the same permutation; the
+    augmentation's is seeded per rank, so ranks with different batches never knock the permutations apart.
+    Under data parallelism (``world`` > 1) an epoch keeps the first ``world * (n // world)`` indices of the
+    permutation and rank ``r`` takes every ``world``-th from ``r``: no sample twice, at most ``world - 1`` left
+    out, and every rank the same number of batches (as ``DistributedSampler(drop_last=True)``). ``drop_last``
+    also drops a rank's last incomplete batch (training does, as timm's loaders do). Both generators' states are
+    part of the training checkpoint, so a resumed run sees the same batches.
     """
 
     def __init__(
@@ -71,16 +76,21 @@ class TensorLoader:
         self.batch_size, self.mean, self.std = batch_size, mean, std
         self.shuffle, self.crop_padding, self.flip, self.drop_last = shuffle, crop_padding, flip, drop_last
         self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(seed)  # CPU generator: identical streams on every device
+        # CPU generators: identical streams on every device
+        self.generator = torch.Generator().manual_seed(seed)
+        self.augment_generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        if self.world > 1:
+            order = order[: self.world * (n // self.world)]
         return order[self.rank :: self.world]
 
     def __len__(self) -> int:
-        n = len(range(self.rank, len(self.labels), self.world))
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n = len(self.labels)
+        share = n // self.world if self.world > 1 else n
+        return share // self.batch_size if self.drop_last else -(-share // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self._indices()
@@ -91,14 +101,30 @@ class TensorLoader:
             idx = idx.to(self.device)
             x = self.images[idx]
             if self.crop_padding or self.flip:
-                x = random_crop_flip(x, self.crop_padding, self.flip, self.generator)
+                x = random_crop_flip(x, self.crop_padding, self.flip, self.augment_generator)
             yield normalize(x, self.mean, self.std), self.labels[idx]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "augment_generator": self.augment_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        if "augment_generator" in state:  # absent in checkpoints of versions with one generator
+            self.augment_generator.set_state(state["augment_generator"])
+
+
+class SeededDataLoader(DataLoader):
+    """A ``DataLoader`` whose shuffle and worker seeds come from its own generator, saved in checkpoints: each
+    epoch draws the permutation and the workers' base seed from it, so restoring it replays the next epoch's
+    order and augmentations exactly (in the main process the transforms draw from the global RNGs, which the
+    checkpoint restores too)."""
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        if "generator" in state:  # absent in checkpoints of versions that did not save it
+            self.generator.set_state(state["generator"])
 
 
 class _PILDataset(Dataset):
@@ -127,16 +153,20 @@ def pil_loader(
     seed: int,
     rank: int = 0,
     world: int = 1,
-) -> DataLoader:
-    """A DataLoader with per-sample PIL transforms; sharded with a DistributedSampler-like stride when world > 1."""
+    drop_last: bool = False,
+) -> SeededDataLoader:
+    """A DataLoader with per-sample PIL transforms; sharded by ``DistributedSampler`` when world > 1 (the same
+    rule as ``TensorLoader``: the tail that does not divide by ``world`` is left out, every rank the same batches).
+    """
     dataset = _PILDataset(data, transform)
     sampler = None
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler
 
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                     drop_last=True)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)  # per rank: workers augment differently
+    return SeededDataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
-        generator=gen, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+        generator=gen, persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
     )

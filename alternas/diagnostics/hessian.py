@@ -46,16 +46,30 @@ def training_loss(
 
 @contextmanager
 def twice_differentiable(model: torch.nn.Module):
-    """Eval mode (BN running stats, no drop path) and math-path attention, restored afterwards."""
+    """Eval mode (BN running stats, no drop path), math-path attention and IEEE fp32 arithmetic, restored
+    afterwards."""
     from alternas.models.blocks import attention_path
 
     was_training = model.training
     model.eval()
     try:
-        with attention_path(model, "math"):
+        with attention_path(model, "math"), ieee_fp32():
             yield model
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def ieee_fp32():
+    """No TF32 in matmuls and convolutions (cuDNN convolutions use it by default on Ampere and later): its ~1e-3
+    relative error per product is as large as the Lanczos tolerance, so eigenvalues would be noise-limited."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    saved = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
 
 
 class HessianOperator:

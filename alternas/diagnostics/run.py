@@ -70,7 +70,7 @@ def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: Diagnostic
         batches = make_train_batches(data, aug, device, config.seed, 0, 1)
     else:
         batches = TensorLoader(data.train, config.hessian_batch_size, mean=data.mean, std=data.std, device=device,
-                               shuffle=True, seed=config.seed)
+                               shuffle=True, drop_last=True, seed=config.seed)
     mixup = None
     if config.augment and recipe.uses_mixup:
         from timm.data import Mixup

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, save_for_hf
 
 from alternas.errors import ConfigError
+from alternas.fileio import DAMAGED_FILE_ERRORS
 from alternas.models.alternet import CIFAR100_MEAN, CIFAR100_STD, AlterNet
 from alternas.models.bases import get_base
 from alternas.placement import Placement
@@ -118,11 +119,17 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    if path.suffix == ".safetensors":
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
+    except DAMAGED_FILE_ERRORS as err:
+        raise ConfigError(f"checkpoint {path} is damaged or not a weights file ({type(err).__name__}); "
+                          "re-run the candidate's search to rewrite it, or give another file") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"checkpoint {path} holds no state dict")
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -144,8 +151,12 @@ def model_from_run(run_dir: str | Path) -> AlterNet:
     config_path, weights = run_dir / "config.yaml", run_dir / "model.safetensors"
     if not config_path.is_file() or not weights.is_file():
         raise ConfigError(f"{run_dir} is not a finished run (needs config.yaml and model.safetensors)")
-    args = dict(yaml.safe_load(config_path.read_text())["model"])
-    model = AlterNet(**args)
+    try:
+        args = dict(yaml.safe_load(config_path.read_text())["model"])
+        model = AlterNet(**args)
+    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{config_path} is damaged ({type(err).__name__}: {err}); re-run the candidate's search "
+                          "to rewrite it") from None
     load_weights(model, weights)
     return model.eval()
 

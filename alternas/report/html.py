@@ -17,6 +17,7 @@ import plotly.graph_objects as go
 from alternas.diagnostics.run import diagnostic_figures
 from alternas.errors import ConfigError
 from alternas.placement import Placement
+from alternas.search.study import StudyFolder
 
 _TABLE_COLUMNS = ["placement", "num_msa", "seed", "status", "val_acc", "test_acc", "val_nll", "val_ece", "lambda_max",
                   "nep", "ape", "delta_high_c1", "delta_high_c2", "delta_high_c3", "delta_high_c4", "params", "flops",
@@ -140,7 +141,6 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
     from optuna.trial import TrialState
 
     from alternas.search.optuna_search import OBJECTIVES, load_optuna_study, redact
-    from alternas.search.study import StudyFolder
 
     config = StudyFolder(study_dir).load_config()
     study = load_optuna_study(config, storage)
@@ -308,18 +308,18 @@ def _decision_summary(trajectory: dict) -> str:
 
 
 def _configured_storage(study_dir: Path) -> str | None:
-    config = _read_yaml(study_dir / "study.yaml")
-    return (config or {}).get("optuna", {}).get("storage")
-
-
-def _read_yaml(path: Path) -> Any:
-    import yaml
-
-    return yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not (study_dir / "study.yaml").is_file():
+        return None
+    return StudyFolder(study_dir).load_config().optuna.storage  # a damaged file: one line naming it
 
 
 def _read(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is damaged ({err}); run the search again to rewrite it") from None
 
 
 def _fmt(value: float | None) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from alternas.errors import AlternasError
 from alternas.placement import Placement
 from alternas.search.decision import Comparison, compare_paired, sequential_compare
-from alternas.search.evaluator import CandidateResult, Evaluator
+from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
 from alternas.search.study import StudyConfig, StudyFolder
 from alternas.train.evidence import load_evidence
 
@@ -320,19 +320,24 @@ def run_buildup(
     config: StudyConfig,
     *,
     quiet: bool = False,
+    retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> BuildupOutcome:
     """Run (or resume) the build-up search of ``config``; writes the study folder as it goes.
 
     Every child is raced against the incumbent (the best so far) over the seed pool: ``min_seeds`` first, one
     more while the paired comparison is undecided, up to ``max_seeds`` (then rejected by the seed budget).
-    Resuming replays every decision from cached runs and continues mid-comparison where it stopped.
+    Resuming replays every decision from cached runs and continues mid-comparison where it stopped;
+    ``retry_failed`` trains diverged candidates again (crashed ones are retried anyway).
     """
     folder = StudyFolder(config.output_dir)
     folder.lock()
     try:
         folder.save_config(config)
-        evaluator = Evaluator(config, folder, quiet=quiet)
+        evaluator = Evaluator(config, folder, quiet=quiet, retry_failed=retry_failed)
+        selection_split = evaluator.data.selects_on
+        if selection_split == "test":
+            log(SELECTS_ON_TEST)
         racer = _Racer(config, evaluator, log)
         b = config.buildup
         from alternas.models.bases import get_base
@@ -365,17 +370,18 @@ def run_buildup(
             how = f" ({step.decided_by})" if step.decided_by else ""
             log(f"    val acc {score_text} over seeds {step.seeds_used}  -> {step.decision}{how}; "
                 f"best {step.best_after}")
-            _write_trajectory(folder, policy, used_runs, racer.runs, config)
+            _write_trajectory(folder, policy, used_runs, racer.runs, config, selection_split)
         outcome = BuildupOutcome(str(policy.best), policy.steps, len(policy.steps), racer.epochs_trained, stopped_by)
         folder.write_json("buildup.json", {**asdict(outcome), "wall_time": time.perf_counter() - began,
-                                           "config": config.to_dict()})
+                                           "selection_split": selection_split, "config": config.to_dict()})
         return outcome
     finally:
         folder.unlock()
 
 
 def _write_trajectory(folder: StudyFolder, policy: BuildupPolicy, used: dict[str, list[CandidateResult]],
-                      representative: dict[str, dict[int, CandidateResult]], config: StudyConfig) -> None:
+                      representative: dict[str, dict[int, CandidateResult]], config: StudyConfig,
+                      selection_split: str) -> None:
     """``trajectory.json``: every step with its decision evidence, plus the runs that stand for each placement
     (``keys``: every finished seed, which grows as later comparisons add seeds to an incumbent)."""
     rows = []
@@ -391,5 +397,6 @@ def _write_trajectory(folder: StudyFolder, policy: BuildupPolicy, used: dict[str
             row[metric] = statistics.fmean(values) if values else None
         rows.append(row)
     folder.write_json("trajectory.json", {"best": str(policy.best), "confidence": config.buildup.confidence,
-                                          "min_gain": config.buildup.min_gain, "seed_pool": list(config.seeds),
+                                          "min_gain": config.buildup.min_gain, "selection_split": selection_split,
+                                          "seed_pool": list(config.seeds),
                                           "seed_budget": list(config.seed_budget), "steps": rows})

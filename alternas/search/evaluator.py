@@ -1,8 +1,12 @@
 """The one candidate evaluator every search calls: build -> train -> evaluate -> diagnose -> cost.
 
 A candidate is keyed by a content hash of (canonical placement, base, window, data, recipe, seed, warm-start
-parent). Its folder ``candidates/<key>/`` holds the run and ``result.json``; a candidate with a result is never
-trained again, whichever search asks, and an interrupted one resumes from its last epoch checkpoint.
+parent). Its folder ``candidates/<key>/`` holds the run and ``result.json``; a candidate with a final result is
+never trained again, whichever search asks, and an interrupted one resumes from its last epoch checkpoint.
+
+What is final: ``completed`` and ``diverged`` (deterministic for the seed; ``retry_failed`` re-runs a divergence).
+A crash (``failed``: out of memory, a dead worker, a bug) is recorded but retried by the next run. A user error
+(``AlternasError``: missing data, an unbuildable placement) stops the search and caches nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 import time
 import traceback
 from collections.abc import Iterator
@@ -20,19 +25,24 @@ from typing import Any
 
 import pandas as pd
 import torch
+from optuna import TrialPruned
 from safetensors.torch import load_file
 
 from alternas.data.datasets import DataSplits, load_data
 from alternas.diagnostics.run import diagnose
+from alternas.errors import AlternasError
 from alternas.fileio import atomic_write, atomic_write_text
 from alternas.models import count_flops, count_parameters
+from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.search.study import StudyConfig, StudyFolder
 from alternas.train.fit import EpochCallback, fit, pick_device
 from alternas.train.recipe import Recipe
 from alternas.train.run import model_for, run_config
 
-FINAL_STATUSES = ("completed", "diverged", "failed")
+FINAL_STATUSES = ("completed", "diverged")  # "failed" is a crash: recorded, and retried by the next run
+SELECTS_ON_TEST = ("data.val_fraction is 0: candidates are trained on every training image and compared on the "
+                   "test split (the paper's protocol), so their test accuracy is no longer an unbiased estimate")
 
 
 @dataclass
@@ -46,7 +56,7 @@ class CandidateResult:
     base: str
     epochs: int
     subset: float | None
-    status: str  # completed | diverged | failed (final); paused (stopped early on purpose, never cached)
+    status: str  # completed | diverged (final); failed (a crash, retried next run); paused (stopped on purpose)
     val_acc: float | None = None
     val_nll: float | None = None
     val_ece: float | None = None
@@ -63,6 +73,7 @@ class CandidateResult:
     parent: str | None = None  # key of the warm-start parent
     run_dir: str = ""
     error: str | None = None
+    diagnostics: str | None = None  # fingerprint of the diagnostics settings the numbers above were measured with
 
     def to_row(self) -> dict[str, Any]:
         row = {k: v for k, v in asdict(self).items() if k != "delta_high"}
@@ -75,24 +86,54 @@ class CandidateResult:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+def _read_result(path: Path) -> CandidateResult | None:
+    """A candidate's ``result.json``; ``None`` when missing or unreadable (a damaged file means: evaluate again)."""
+    try:
+        return CandidateResult.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+
+
 def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, seed: int,
                   parent: str | None = None) -> str:
     """Content hash of everything that determines a candidate's training outcome."""
     data = asdict(config.data)
     data.pop("root", None)  # where the files live does not change the result
-    payload = {"placement": str(placement), "base": config.base, "window_size": config.window_size, "data": data,
-               "recipe": recipe.to_dict(), "seed": seed, "parent": parent}
+    payload = {"placement": str(placement), "base": base_architecture(config.base),
+               "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
+               "parent": parent}
+    return _digest(payload)
+
+
+def base_architecture(spec: str) -> dict[str, Any]:
+    """What a base spec builds, whatever its spelling: ``resnet50`` and ``resnet50@heads_mult=1,dim_head=64`` (the
+    Optuna space's spelling of the same net) are one architecture, hence one cache key."""
+    base = get_base(spec)
+    return {k: v for k, v in asdict(base).items() if k not in ("name", "description", "paper_msa_counts")}
+
+
+def diagnostics_fingerprint(config: StudyConfig) -> str:
+    """Names the settings a candidate's diagnostics were measured with: a result measured with others is
+    re-diagnosed from its saved weights (no retraining) instead of being reported as if comparable."""
+    return _digest(asdict(config.diagnostics))
+
+
+def _digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class Evaluator:
     """Evaluates placements for one study, caching results in its folder."""
 
-    def __init__(self, config: StudyConfig, folder: StudyFolder | None = None, quiet: bool = False) -> None:
+    def __init__(self, config: StudyConfig, folder: StudyFolder | None = None, quiet: bool = False,
+                 retry_failed: bool = False) -> None:
         self.config = config
         self.folder = folder or StudyFolder(config.output_dir)
         self.quiet = quiet
+        self.retry_failed = retry_failed  # train diverged candidates again, once per evaluator
         self._data: DataSplits | None = None
+        self._crashed: dict[str, CandidateResult] = {}  # crashes of this run: not retried until the next one
+        self._retried: set[str] = set()
 
     @property
     def data(self) -> DataSplits:
@@ -104,12 +145,17 @@ class Evaluator:
         return self.folder.candidates / key / "result.json"
 
     def cached(self, key: str) -> CandidateResult | None:
-        path = self.result_path(key)
-        if path.is_file():
-            result = CandidateResult.from_dict(json.loads(path.read_text()))
-            if result.status in FINAL_STATUSES:
-                return result
+        """The result ``evaluate`` answers without training: a final one, or a crash earlier in this run."""
+        if key in self._crashed:
+            return self._crashed[key]
+        result = _read_result(self.result_path(key))
+        if result is not None and (result.status == "completed" or
+                                   (result.status == "diverged" and not self._retrying(key))):
+            return result
         return None
+
+    def _retrying(self, key: str) -> bool:
+        return self.retry_failed and key not in self._retried
 
     def key_for(self, placement: str | Placement, seed: int, parent: CandidateResult | None = None) -> str:
         """The cache key ``evaluate`` uses for these arguments."""
@@ -144,12 +190,16 @@ class Evaluator:
         recipe = self.warm_recipe() if parent else self.config.recipe
         key = self.key_for(placement, seed, parent)
         hit = self.cached(key)
-        if hit is not None:
+        if hit is not None and self._diagnosed(hit):
             return hit
         with self._candidate_lock(key):  # another worker may be training this very candidate: wait for it
             hit = self.cached(key)
             if hit is not None:
-                return hit
+                return hit if self._diagnosed(hit) else self._rediagnose(hit, recipe)
+            if self._retrying(key):
+                self._retried.add(key)
+                if self.result_path(key).is_file():  # a diverged run: start it again from scratch
+                    shutil.rmtree(self.folder.candidates / key)
             return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback, stop_after)
 
     @contextmanager
@@ -188,25 +238,55 @@ class Evaluator:
             )
             if run.status == "paused":
                 return result
-            if run.status == "completed" and (cfg.diagnostics.hessian or cfg.diagnostics.fourier):
-                t0 = time.perf_counter()
-                model.to(pick_device(cfg.device))
-                diag = diagnose(model, data, recipe, cfg.diagnostics, out_dir=run_dir / "diagnostics",
-                                label=str(placement))
-                result.lambda_max, result.nep, result.ape = diag.get("lambda_max"), diag.get("nep"), diag.get("ape")
-                result.delta_high = diag.get("delta_high", {})
-                result.wall_time += time.perf_counter() - t0
-        except KeyboardInterrupt:
-            raise
-        except Exception as err:  # a crashed candidate is a result too: the search goes on
-            if type(err).__name__ == "TrialPruned":
-                raise
+            if run.status == "completed":
+                self._diagnose(model, recipe, result)
+        except (KeyboardInterrupt, TrialPruned, AlternasError):
+            raise  # stop (Ctrl-C), pruned by Optuna, or a user error: nothing to cache
+        except Exception as err:  # a crash is recorded and the search goes on; the next run retries it
             result = CandidateResult(**base, status="failed", wall_time=time.perf_counter() - started,
-                                     error=f"{type(err).__name__}: {err}")
-            (run_dir).mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.log").write_text(traceback.format_exc())
+                                     error=self._crash_message(err, recipe))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "error.log", traceback.format_exc())
+            self._crashed[key] = result
         self._write_result(result)
         return result
+
+    def _diagnosed(self, result: CandidateResult) -> bool:
+        """Whether ``result`` carries diagnostics measured with this study's settings (or needs none)."""
+        return result.status != "completed" or result.diagnostics == diagnostics_fingerprint(self.config)
+
+    def _diagnose(self, model: torch.nn.Module, recipe: Recipe, result: CandidateResult) -> None:
+        """Measure the study's diagnostics on the trained ``model`` into ``result``."""
+        cfg = self.config
+        result.lambda_max = result.nep = result.ape = None
+        result.delta_high = {}
+        if cfg.diagnostics.hessian or cfg.diagnostics.fourier:
+            t0 = time.perf_counter()
+            model.to(pick_device(cfg.device))
+            diag = diagnose(model, self.data, recipe, cfg.diagnostics, out_dir=Path(result.run_dir) / "diagnostics",
+                            label=result.placement)
+            result.lambda_max, result.nep, result.ape = diag.get("lambda_max"), diag.get("nep"), diag.get("ape")
+            result.delta_high = diag.get("delta_high", {})
+            result.wall_time += time.perf_counter() - t0
+        result.diagnostics = diagnostics_fingerprint(cfg)
+
+    def _rediagnose(self, result: CandidateResult, recipe: Recipe) -> CandidateResult:
+        """A finished candidate measured with other diagnostics settings: measure again from its weights (fit reads
+        them back, or finishes from the last checkpoint if they are damaged)."""
+        cfg = self.config
+        model = model_for(result.placement, cfg.base, self.data, recipe, cfg.window_size, seed=result.seed)
+        fit(model, self.data, recipe, result.run_dir, seed=result.seed, device=cfg.device, resume=True, quiet=True)
+        self._diagnose(model, recipe, result)
+        self._write_result(result)
+        return result
+
+    def _crash_message(self, err: Exception, recipe: Recipe) -> str:
+        if isinstance(err, torch.OutOfMemoryError):
+            return (f"out of memory on {pick_device(self.config.device)}: lower recipe.batch_size "
+                    f"({recipe.batch_size}), recipe.eval_batch_size ({recipe.eval_batch_size}) or "
+                    f"diagnostics.hessian_batch_size ({self.config.diagnostics.hessian_batch_size}); "
+                    "the next run retries it")
+        return f"{type(err).__name__}: {err}"
 
     def _inherited_weights(self, model: torch.nn.Module, parent: CandidateResult) -> dict[str, torch.Tensor]:
         """The parent's trained tensors for every block whose type did not change (same name and shape)."""
@@ -219,18 +299,21 @@ class Evaluator:
                 if k in own and own[k].shape == v.shape and not any(k.startswith(c) for c in changed)}
 
     def _write_result(self, result: CandidateResult) -> None:
-        atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1))
+        atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1), durable=True)
         self.write_table()
 
     def all_results(self) -> list[CandidateResult]:
         if not self.folder.candidates.is_dir():
             return []
-        out = []
-        for path in sorted(self.folder.candidates.glob("*/result.json")):
-            out.append(CandidateResult.from_dict(json.loads(path.read_text())))
-        return out
+        results = (_read_result(path) for path in sorted(self.folder.candidates.glob("*/result.json")))
+        return [r for r in results if r is not None]
 
     def write_table(self) -> Path:
-        """``results.csv``: one row per candidate (derived from the per-candidate files, so never corrupt)."""
-        rows = [r.to_row() for r in self.all_results()]
-        return atomic_write(self.folder.root / "results.csv", lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+        """``results.csv``: one row per candidate, rebuilt from the per-candidate files under a lock, so a worker
+        that read the folder before another one's result landed cannot overwrite the table without that row."""
+        self.folder.root.mkdir(parents=True, exist_ok=True)
+        with open(self.folder.root / ".results.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            rows = [r.to_row() for r in self.all_results()]
+            return atomic_write(self.folder.root / "results.csv",
+                                lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))

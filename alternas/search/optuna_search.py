@@ -18,16 +18,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import optuna
 from optuna.trial import TrialState
 
-from alternas.errors import ConfigError
+from alternas.errors import ConfigError, PlacementError
 from alternas.placement import Placement
-from alternas.search.evaluator import CandidateResult, Evaluator
+from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
-from alternas.search.study import StudyConfig, StudyFolder
+from alternas.search.study import Pruner, Sampler, StudyConfig, StudyFolder
 
 # objective name -> (result attribute, direction)
 OBJECTIVES: dict[str, tuple[str, str]] = {
@@ -40,8 +40,9 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "params": ("params", "minimize"),
     "flops": ("flops", "minimize"),
 }
-SAMPLERS = ("tpe", "nsga2", "random", "grid")
-PRUNERS = ("hyperband", "median", "none")
+HESSIAN_OBJECTIVES = ("lambda_max", "nep", "ape")
+SAMPLERS = get_args(Sampler)
+PRUNERS = get_args(Pruner)
 JOURNAL = "optuna.journal"
 
 
@@ -77,7 +78,9 @@ def open_storage(config: StudyConfig, url: str | None = None) -> Any:
                     raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
                                       f"{redact(str(err)).splitlines()[0]}") from None
                 time.sleep(0.5 + attempt)
-    return url  # e.g. redis journal URLs: Optuna resolves them
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    raise ConfigError(f"unsupported Optuna storage {redact(url)} (scheme {scheme!r}); give a database URL "
+                      "(sqlite:///PATH, postgresql://USER@HOST/DB, mysql://...) or none for the study's journal file")
 
 
 def _sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -110,24 +113,38 @@ def _requeue_dead_workers(study: optuna.Study, log: Callable[[str], None]) -> in
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid)):
+        if worker_host != host or not pid.isdigit() or _alive(int(pid), trial.user_attrs.get("worker_started")):
             continue
-        # no public API fails another process's trial; this is what Optuna's own stale-trial check does
-        study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        try:  # no public API fails another process's trial; this is what Optuna's own stale-trial check does
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker starting at the same time re-queued it first
         study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
         requeued += 1
         log(f"re-queued trial {trial.number} {trial.user_attrs.get('placement', '')} (its worker pid {pid} died)")
     return requeued
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` exists and, when its start time was recorded, is still that process (pids are
+    reused: a new process with a dead worker's pid must not keep its trial RUNNING forever)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``; ``None`` where unavailable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
 
 
 def _known_placements(config: StudyConfig, space: SearchSpace) -> list[tuple[str, Placement]]:
@@ -150,15 +167,20 @@ def run_optuna(
     trials: int | None = None,
     storage: str | None = None,
     quiet: bool = False,
+    retry_failed: bool = False,
     log: Callable[[str], None] = print,
 ) -> optuna.Study:
-    """Run this worker's share of the study's ``trials`` (shared with other workers through the storage)."""
+    """Run this worker's share of the study's ``trials`` (shared with other workers through the storage);
+    ``retry_failed`` trains diverged candidates again."""
     oc = config.optuna
     trials = trials or oc.trials
     names = list(oc.objectives)
     for name in names:
         if name not in OBJECTIVES:
             raise ConfigError(f"unknown objective {name!r}; choose from: {', '.join(OBJECTIVES)}")
+        if name in HESSIAN_OBJECTIVES and not config.diagnostics.hessian:
+            raise ConfigError(f"objective {name!r} needs the Hessian diagnostics, but diagnostics.hessian is false; "
+                              "turn it on or choose another objective")
     space = load_space(oc.space or default_space_path(config.base))
     if space.base.split("@")[0] != config.base.split("@")[0]:
         raise ConfigError(f"{space.source} is a space over base {space.base!r} but the study's base is "
@@ -176,6 +198,9 @@ def run_optuna(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(names)
     StudyFolder(config.output_dir).save_config(config)
+    study.set_user_attr("selection_split", "test" if config.data.val_fraction == 0 else "val")
+    if config.data.val_fraction == 0:
+        log(SELECTS_ON_TEST)
     if not isinstance(opened, optuna.storages.RDBStorage):  # RDB: the heartbeat does it, across hosts too
         _requeue_dead_workers(study, log)
     existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
@@ -186,7 +211,7 @@ def run_optuna(
         elif str(params) not in existing:
             study.enqueue_trial(params, user_attrs={"enqueued": label}, skip_if_exists=True)
             existing.add(str(params))
-    objective = _Objective(config, space, names, multi, quiet, log)
+    objective = _Objective(config, space, names, multi, quiet, log, retry_failed)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     study.optimize(objective, n_trials=trials, callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)],
                    catch=())
@@ -197,13 +222,14 @@ class _Objective:
     """One trial: sample -> evaluate every seed -> report epochs for pruning -> record everything."""
 
     def __init__(self, config: StudyConfig, space: SearchSpace, names: list[str], multi: bool, quiet: bool,
-                 log: Callable[[str], None]) -> None:
+                 log: Callable[[str], None], retry_failed: bool = False) -> None:
         self.config, self.space, self.names, self.multi, self.log = config, space, names, multi, log
-        self.quiet = quiet
+        self.quiet, self.retry_failed = quiet, retry_failed
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("worker_started", _process_start(os.getpid()))
         try:
             placement, base, window = self.space.sample(trial)
         except InvalidCandidate as err:
@@ -211,14 +237,20 @@ class _Objective:
             self.log(f"[trial {trial.number}] invalid: {err} (pruned)")
             raise optuna.TrialPruned(f"invalid placement: {err}") from None
         cfg = replace(self.config, base=base, window_size=window or self.config.window_size)
-        evaluator = Evaluator(cfg, StudyFolder(self.config.output_dir), quiet=self.quiet)
+        evaluator = Evaluator(cfg, StudyFolder(self.config.output_dir), quiet=self.quiet,
+                              retry_failed=self.retry_failed)
         trial.set_user_attr("placement", str(placement))
         trial.set_user_attr("base", base)
         self.log(f"[trial {trial.number}] {placement} ({placement.describe()}) on {base}")
         runs: list[CandidateResult] = []
         for i, seed in enumerate(cfg.seeds):
             callback = self._pruning_callback(trial) if i == 0 else None
-            runs.append(evaluator.evaluate(placement, seed, epoch_callback=callback))
+            try:
+                runs.append(evaluator.evaluate(placement, seed, epoch_callback=callback))
+            except PlacementError as err:  # e.g. a sampled window that does not tile a stage: this trial only
+                trial.set_user_attr("invalid", str(err))
+                self.log(f"[trial {trial.number}] invalid: {err} (pruned)")
+                raise optuna.TrialPruned(f"invalid placement: {err}") from None
         done = [r for r in runs if r.status == "completed"]
         self._record(trial, runs)
         if not done:

@@ -12,13 +12,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import torch
 import yaml
 
 from alternas.data.datasets import DataConfig
 from alternas.diagnostics.run import DiagnosticsConfig
-from alternas.errors import AlternasError, ConfigError, StudyLockedError, reject_unknown_keys
+from alternas.errors import AlternasError, ConfigError, StudyLockedError, check_types, reject_unknown_keys
 from alternas.fileio import atomic_write_text
 from alternas.models.bases import get_base
 from alternas.placement import Placement
@@ -42,14 +43,18 @@ class BuildupConfig:
     warm_start_epochs: int | None = None  # default: half the recipe's epochs, no warmup
 
 
+Sampler = Literal["tpe", "nsga2", "random", "grid"]
+Pruner = Literal["hyperband", "median", "none"]
+
+
 @dataclass(frozen=True)
 class OptunaConfig:
     """Settings of the Optuna search over placements."""
 
     trials: int = 50
     space: str | None = None  # search space YAML; default search_spaces/<base>.yaml
-    sampler: str = "tpe"
-    pruner: str = "hyperband"
+    sampler: Sampler = "tpe"
+    pruner: Pruner = "hyperband"
     objectives: tuple[str, ...] = ("acc",)
     storage: str | None = None  # default: a journal file in the study folder
     study_name: str | None = None
@@ -59,6 +64,10 @@ class OptunaConfig:
     grace_period_s: int = 90
 
     def __post_init__(self) -> None:
+        if self.trials < 1:
+            raise ConfigError(f"optuna.trials must be >= 1, got {self.trials}")
+        if not self.objectives:
+            raise ConfigError("optuna.objectives: give at least one objective")
         if not 0 < self.heartbeat_s < self.grace_period_s:
             raise ConfigError("optuna.heartbeat_s must be positive and below optuna.grace_period_s "
                               f"(got {self.heartbeat_s} and {self.grace_period_s})")
@@ -84,9 +93,23 @@ class StudyConfig:
             raise ConfigError("seeds: give at least one seed")
         if self.buildup.start is not None:
             Placement.parse(self.buildup.start)
+        if self.window_size is not None and self.window_size < 1:
+            raise ConfigError(f"window_size must be >= 1 (or null for the base's default), got {self.window_size}")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ConfigError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1 or mps, "
+                                  "or leave it out to pick one") from None
         b = self.buildup
-        if b.min_gain < 0 or b.patience < 0 or b.max_candidates < 1:
-            raise ConfigError("buildup: min_gain and patience must be >= 0 and max_candidates >= 1")
+        if not (b.min_gain >= 0 and b.patience >= 0 and b.max_candidates >= 1):
+            raise ConfigError(f"buildup: min_gain ({b.min_gain}) and patience ({b.patience}) must be >= 0 and "
+                              f"max_candidates ({b.max_candidates}) >= 1")
+        if b.warm_start_epochs is not None and b.warm_start_epochs < 1:
+            raise ConfigError(f"buildup.warm_start_epochs must be >= 1 (or null: half the epochs), got "
+                              f"{b.warm_start_epochs}")
+        if b.budget_hours is not None and not b.budget_hours > 0:
+            raise ConfigError(f"buildup.budget_hours must be > 0 (or null: no budget), got {b.budget_hours}")
         if not 0.5 < b.confidence < 1:
             raise ConfigError(f"buildup.confidence must be in (0.5, 1), got {b.confidence}")
         if b.screen_at is not None and not 0 < b.screen_at < 1:
@@ -128,11 +151,7 @@ def _build_section(cls: type, values: Any, where: str) -> Any:
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: '{cls.__name__}' section must be a mapping, got {type(values).__name__}")
     reject_unknown_keys(values, {f.name for f in fields(cls)}, where=where)
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return cls(**check_types(cls, values, where))
 
 
 def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
@@ -156,11 +175,13 @@ def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
                     raise ConfigError("give a preset name or a mapping with 'name' and overrides")
             elif key == "seeds":
                 seeds = value if isinstance(value, list) else [value]
-                if not all(isinstance(s, int) for s in seeds):
-                    raise ConfigError("seeds must be whole numbers")
+                if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
+                    raise ConfigError(f"seeds must be whole numbers >= 0, got {value!r}")
+                if len(set(seeds)) != len(seeds):
+                    raise ConfigError(f"seeds must not repeat, got {value!r}")
                 kwargs[key] = tuple(seeds)
             else:
-                kwargs[key] = value
+                kwargs.update(check_types(StudyConfig, {key: value}, source))
         except AlternasError as err:
             message = str(err)
             raise ConfigError(message if message.startswith(source) else f"{where}: {message}") from None
@@ -248,7 +269,7 @@ class StudyFolder:
 
     def save_config(self, config: StudyConfig) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        (self.root / "study.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_text(self.root / "study.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     def load_config(self) -> StudyConfig:
         path = self.root / "study.yaml"

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from alternas.fileio import atomic_write
+from alternas.fileio import DAMAGED_FILE_ERRORS, atomic_write, load_weights, save_weights
 
 
 def rng_state() -> dict[str, Any]:
@@ -49,7 +48,7 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], state: d
     """Write weights + training state for the epoch in ``state['epoch']``; returns the weights file."""
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / f"model-{state['epoch']:04d}.safetensors"
-    save_file({k: v.detach().contiguous().cpu() for k, v in model_state.items()}, str(weights))
+    save_weights(weights, model_state)
     previous = load_state(folder)
     atomic_write(folder / "state.pt", lambda tmp: torch.save({**state, "weights": weights.name}, tmp), durable=True)
     if previous and previous["weights"] != weights.name:
@@ -58,15 +57,16 @@ def save_checkpoint(folder: Path, model_state: dict[str, torch.Tensor], state: d
 
 
 def load_state(folder: Path) -> dict[str, Any] | None:
-    path = folder / "state.pt"
-    if not path.is_file():
+    """The training state of the last checkpoint, or ``None`` when there is none or it is damaged."""
+    try:
+        return torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+    except DAMAGED_FILE_ERRORS:
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """(weights, state) of the last complete epoch, or ``None`` when there is no checkpoint."""
+    """(weights, state) of the last complete epoch, or ``None`` when there is no readable checkpoint (the run
+    then starts again: a damaged checkpoint costs the epochs it held, never a wrong result)."""
     state = load_state(folder)
-    if state is None:
-        return None
-    return load_file(str(folder / state["weights"])), state
+    weights = load_weights(folder / state["weights"]) if state is not None else None
+    return None if weights is None else (weights, state)

@@ -9,6 +9,7 @@ runs data-parallel under ``torchrun``. Files in the run folder: ``config.yaml``,
 
 from __future__ import annotations
 
+import atexit
 import csv
 import json
 import math
@@ -26,13 +27,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
-from alternas.fileio import atomic_write, atomic_write_text
+from alternas.fileio import DAMAGED_FILE_ERRORS, atomic_write, atomic_write_text, load_weights, save_weights
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from alternas.train.evidence import Evidence, load_evidence, split_digest
 from alternas.train.metrics import evaluate, per_example, predict, summarize
@@ -70,12 +70,20 @@ def training_memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last if device.type in CHANNELS_LAST_DEVICES else torch.contiguous_format
 
 
-def pick_device(name: str | None = None) -> torch.device:
-    """``name`` if given, else CUDA, then MPS, then CPU (under torchrun: this rank's GPU)."""
+def training_autocast(device: torch.device) -> Any:
+    """The mixed precision ``fit`` trains in on ``device``: bf16 autocast on CUDA, none elsewhere (the benchmarks
+    use it too, to time what the searches run)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def pick_device(name: str | torch.device | None = None) -> torch.device:
+    """``name`` if given, else CUDA, then MPS, then CPU. Under torchrun a plain ``cuda`` is this rank's GPU."""
+    local_gpu = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     if name:
-        return torch.device(name)
+        device = torch.device(name)
+        return local_gpu if device.type == "cuda" and device.index is None else device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return local_gpu
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
@@ -90,23 +98,35 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world) — initialising the process group when started by torchrun."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world) — initialising the process group when started by torchrun (destroyed when the process
+    exits; a search calls ``fit`` many times on one group)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL and DDP bind this rank to its own GPU, not cuda:0
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(dist.destroy_process_group)
     return dist.get_rank(), dist.get_world_size()
 
 
 def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
+    """The recipe's training batches: full batches only (a one-image last batch would be empty after Mixup's
+    even trim, and BatchNorm statistics of a handful of images are noise), as many on every rank."""
     if recipe.uses_pil_pipeline:
-        return pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
-                          workers=recipe.workers, seed=seed, rank=rank, world=world)
-    return TensorLoader(data.train, recipe.batch_size, mean=data.mean, std=data.std, device=device, shuffle=True,
-                        crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0, flip=recipe.flip,
-                        seed=seed, rank=rank, world=world)
+        batches = pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
+                             workers=recipe.workers, seed=seed, rank=rank, world=world, drop_last=True)
+    else:
+        batches = TensorLoader(data.train, recipe.batch_size, mean=data.mean, std=data.std, device=device,
+                               shuffle=True, crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0,
+                               flip=recipe.flip, drop_last=True, seed=seed, rank=rank, world=world)
+    if len(batches) == 0:
+        per_rank = f" per process ({world} processes)" if world > 1 else ""
+        raise ConfigError(f"the training set has {len(data.train) // world} images{per_rank}, fewer than "
+                          f"recipe.batch_size {recipe.batch_size}; lower the batch size or use more data")
+    return batches
 
 
 def build_train_transform(recipe: Recipe, data: DataSplits):
@@ -151,12 +171,12 @@ def _write_metrics(run_dir: Path, history: list[dict], summary: dict) -> None:
 
 def _finished_result(run_dir: Path) -> RunResult | None:
     """The result of a run that already ended (completed or diverged), read back from ``metrics.json``."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved.get("status") in ("completed", "diverged") and "result" in saved:
-        return RunResult(**saved["result"])
+    try:
+        saved = json.loads((run_dir / "metrics.json").read_text())
+        if saved.get("status") in ("completed", "diverged") and "result" in saved:
+            return RunResult(**saved["result"])
+    except (*DAMAGED_FILE_ERRORS, TypeError, AttributeError):
+        pass  # missing or damaged: the checkpoint says where the run stands
     return None
 
 
@@ -186,8 +206,8 @@ def fit(
     with ``resume=True`` continues exactly (the build-up's early screening looks at a candidate there).
     """
     run_dir = Path(out_dir)
-    rank, world = _distributed()
-    dev = torch.device(device) if device else pick_device()
+    dev = pick_device(device)
+    rank, world = _distributed(dev)
     is_main = rank == 0
     ckpt_dir = run_dir / "checkpoint"
     finished = _finished_result(run_dir)
@@ -195,8 +215,14 @@ def fit(
     if (saved is not None or finished is not None) and not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it or choose "
                           "another --out")
-    if finished is not None:
+    if finished is not None and finished.status == "diverged":
         return finished
+    if finished is not None:  # the caller diagnoses or exports this model: give it the trained weights
+        trained = load_weights(run_dir / "model.safetensors")
+        if trained is not None:
+            model.load_state_dict(trained)
+            return finished
+        # damaged or missing final weights: finish again from the last checkpoint (no epoch is retrained)
 
     seed_everything(seed, deterministic)
     cuda = dev.type == "cuda"
@@ -230,8 +256,7 @@ def fit(
         model.load_state_dict(weights)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        if isinstance(train_batches, TensorLoader):
-            train_batches.load_state_dict(state["loader"])
+        train_batches.load_state_dict(state["loader"])
         history = [dict(h) for h in state["history"]]
         start_epoch = state["epoch"] + 1
         saved_evidence = load_evidence(run_dir)
@@ -247,13 +272,13 @@ def fit(
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         config = {"recipe": recipe.to_dict(), "seed": seed, "data": data.summary(), **(run_config or {})}
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
 
     total = recipe.total_epochs
     last_epoch = total if stop_after is None else min(total, stop_after)
     steps = len(train_batches)
     summary: dict[str, Any] = {"status": "running"}
-    autocast = torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+    autocast = training_autocast(dev)
     started = time.perf_counter() - sum(h["epoch_time"] for h in history)
     status, error = "completed", None
     try:
@@ -269,7 +294,7 @@ def fit(
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if mixup is not None:
-                    if len(x) % 2:  # timm's batch mixing needs an even batch
+                    if len(x) % 2:  # timm's batch mixing needs an even batch (an odd recipe.batch_size)
                         x, y = x[:-1], y[:-1]
                     x, y = mixup(x, y)
                 x = x.contiguous(memory_format=layout)
@@ -294,6 +319,8 @@ def fit(
                 stats = torch.stack([loss_sum, torch.tensor(float(seen), device=dev)])
                 dist.all_reduce(stats)
                 loss_sum, seen = stats[0], int(stats[1])
+                for buffer in model.buffers():  # BatchNorm statistics of the last step differ by rank: take rank 0's
+                    dist.broadcast(buffer, 0)
             train_loss = float(loss_sum) / max(seen, 1)
             train_time = time.perf_counter() - t0
             if not math.isfinite(train_loss):
@@ -310,7 +337,7 @@ def fit(
                 evidence.save(run_dir)  # before the checkpoint: every checkpointed epoch has its evidence
                 save_checkpoint(ckpt_dir, model.state_dict(), {
                     "epoch": epoch, "optimizer": optimizer.state_dict(), "rng": rng_state(), "history": history,
-                    "loader": train_batches.state_dict() if isinstance(train_batches, TensorLoader) else {},
+                    "loader": train_batches.state_dict(),
                 })
                 _write_metrics(run_dir, history, {"status": "running"})
             if world > 1:
@@ -339,7 +366,6 @@ def fit(
     if is_main:
         summary = {"status": status, "result": result.to_dict()}
         if status == "completed":
-            save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
-                      str(run_dir / "model.safetensors"))
+            save_weights(run_dir / "model.safetensors", model.state_dict())
         _write_metrics(run_dir, history, summary)
     return result

@@ -35,7 +35,10 @@ def predict(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 logits and labels of ``model`` in eval mode over ``batches``, in batch order."""
+    """fp32 logits and labels of ``model`` in eval mode over ``batches``, in batch order.
+
+    With ``amp_dtype`` the body runs in that precision but a model with a timm-style ``forward_head`` gets its
+    head in fp32: NLL and ECE of bf16 logits (8 bits of mantissa) would be quantised."""
     was_training = model.training
     model.eval()
     logits_all, labels_all = [], []
@@ -45,8 +48,13 @@ def predict(
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                logits_all.append(model(x).float())
+            if amp_dtype and hasattr(model, "forward_head"):
+                with autocast:
+                    features = model.forward_features(x)
+                logits_all.append(model.forward_head(features.float()))
+            else:
+                with autocast:
+                    logits_all.append(model(x).float())
             labels_all.append(y)
     finally:
         model.train(was_training)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
-from alternas.errors import ConfigError, reject_unknown_keys
+from alternas.errors import ConfigError, check_types, reject_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,9 @@ class Recipe:
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         reject_unknown_keys(data, {f.name for f in fields(cls)}, "recipe key")
         data = dict(data)
-        if "milestones" in data:
-            data["milestones"] = tuple(data["milestones"] or ())
-        try:
-            return cls(**data)
-        except TypeError as err:
-            raise ConfigError(f"bad recipe: {err}") from None
+        if data.get("milestones") is None:
+            data.pop("milestones", None)
+        return cls(**check_types(cls, data, "recipe"))
 
 
 PRESETS: dict[str, Recipe] = {
@@ -133,27 +130,14 @@ PRESETS: dict[str, Recipe] = {
 }
 
 
-def _coerce(recipe: Recipe, key: str, value: Any) -> Any:
-    """Strings from the CLI become the field's type; YAML values pass through."""
+def _from_command_line(key: str, value: Any) -> Any:
+    """What a ``--set`` string means before type checking: ``none``/``null`` is None, ``60,120`` a tuple."""
     if not isinstance(value, str):
         return value
-    current = getattr(recipe, key)
-    lowered = value.strip().lower()
-    if lowered in ("none", "null", ""):
+    if value.strip().lower() in ("none", "null", ""):
         return None
-    try:
-        if isinstance(current, bool):
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("true", "1", "yes")
-        if isinstance(current, int) and not isinstance(current, bool):
-            return int(value)
-        if isinstance(current, float) or (current is None and key == "clip_grad"):
-            return float(value)
-        if isinstance(current, tuple):
-            return tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"recipe key {key!r}: cannot read {value!r} as {type(current).__name__}") from None
+    if key == "milestones":
+        return [v.strip() for v in value.split(",") if v.strip()]
     return value
 
 
@@ -169,4 +153,5 @@ def get_recipe(name: str | Recipe = "fast", overrides: dict[str, Any] | None = N
     if not overrides:
         return recipe
     reject_unknown_keys(overrides, {f.name for f in fields(Recipe)} - {"name"}, "recipe key")
-    return replace(recipe, **{k: _coerce(recipe, k, v) for k, v in overrides.items()})
+    values = check_types(Recipe, {k: _from_command_line(k, v) for k, v in overrides.items()}, f"recipe {recipe.name!r}")
+    return replace(recipe, **values)
