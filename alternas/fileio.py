@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from alternas.faults import fault_point
+
 # What reading a truncated or garbled file raises: such a file is treated as absent and its work is redone.
 DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
 
@@ -27,6 +29,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        fault_point(f"write:{path.name}")
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())

@@ -371,6 +371,7 @@ def run_buildup(
             log(f"    val acc {score_text} over seeds {step.seeds_used}  -> {step.decision}{how}; "
                 f"best {step.best_after}")
             _write_trajectory(folder, policy, used_runs, racer.runs, config, selection_split)
+        evaluator.write_table()  # whole even if a killed run left it one row behind its result files
         outcome = BuildupOutcome(str(policy.best), policy.steps, len(policy.steps), racer.epochs_trained, stopped_by)
         folder.write_json("buildup.json", {**asdict(outcome), "wall_time": time.perf_counter() - began,
                                            "selection_split": selection_split, "config": config.to_dict()})

@@ -31,6 +31,7 @@ from safetensors.torch import load_file
 from alternas.data.datasets import DataSplits, load_data
 from alternas.diagnostics.run import diagnose
 from alternas.errors import AlternasError
+from alternas.faults import fault_point
 from alternas.fileio import atomic_write, atomic_write_text
 from alternas.models import count_flops, count_parameters
 from alternas.models.bases import get_base
@@ -261,6 +262,7 @@ class Evaluator:
         result.lambda_max = result.nep = result.ape = None
         result.delta_high = {}
         if cfg.diagnostics.hessian or cfg.diagnostics.fourier:
+            fault_point("diagnostics")
             t0 = time.perf_counter()
             model.to(pick_device(cfg.device))
             diag = diagnose(model, self.data, recipe, cfg.diagnostics, out_dir=Path(result.run_dir) / "diagnostics",

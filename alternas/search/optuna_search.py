@@ -201,7 +201,9 @@ def run_optuna(
     study.set_user_attr("selection_split", "test" if config.data.val_fraction == 0 else "val")
     if config.data.val_fraction == 0:
         log(SELECTS_ON_TEST)
-    if not isinstance(opened, optuna.storages.RDBStorage):  # RDB: the heartbeat does it, across hosts too
+    if isinstance(opened, optuna.storages.RDBStorage):  # stale heartbeats, on any host: failed and re-queued now,
+        optuna.storages.fail_stale_trials(study)         # so that they do not count as running below
+    else:
         _requeue_dead_workers(study, log)
     existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
     for label, placement in _known_placements(config, space):
@@ -213,8 +215,11 @@ def run_optuna(
             existing.add(str(params))
     objective = _Objective(config, space, names, multi, quiet, log, retry_failed)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    study.optimize(objective, n_trials=trials, callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)],
-                   catch=())
+    remaining = trials - len(study.get_trials(deepcopy=False, states=counted))
+    if remaining > 0:  # a finished study is only reported: optimize would run one more trial before the callback
+        study.optimize(objective, n_trials=remaining, catch=(),
+                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
+    Evaluator(config).write_table()  # whole even if a killed worker left it one row behind its result files
     return study
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
+from alternas.faults import fault_point
 from alternas.fileio import DAMAGED_FILE_ERRORS, atomic_write, atomic_write_text, load_weights, save_weights
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from alternas.train.evidence import Evidence, load_evidence, split_digest
@@ -217,10 +218,11 @@ def fit(
                           "another --out")
     if finished is not None and finished.status == "diverged":
         return finished
-    if finished is not None:  # the caller diagnoses or exports this model: give it the trained weights
-        trained = load_weights(run_dir / "model.safetensors")
+    if finished is not None:  # the caller diagnoses or exports this model: give it the trained weights, on the
+        trained = load_weights(run_dir / "model.safetensors")  # device and in the layout training left it in
         if trained is not None:
             model.load_state_dict(trained)
+            model.to(dev, memory_format=training_memory_format(dev))
             return finished
         # damaged or missing final weights: finish again from the last checkpoint (no epoch is retrained)
 
@@ -311,6 +313,7 @@ def fit(
                 if recipe.clip_grad:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_grad)
                 optimizer.step()
+                fault_point("train_step")
                 loss_sum += loss.detach() * len(x)
                 seen += len(x)
                 if step % 10 == 0 and not bar.disable:
@@ -340,6 +343,7 @@ def fit(
                     "loader": train_batches.state_dict(),
                 })
                 _write_metrics(run_dir, history, {"status": "running"})
+                fault_point("epoch_end")
             if world > 1:
                 dist.barrier()
             if not quiet and is_main:

@@ -145,11 +145,10 @@ def get_recipe(name: str | Recipe = "fast", overrides: dict[str, Any] | None = N
     """A preset by name (or a given recipe) with ``overrides`` applied; unknown names/keys raise ``ConfigError``."""
     if isinstance(name, Recipe):
         recipe = name
+    elif isinstance(name, str) and name in PRESETS:
+        recipe = PRESETS[name]
     else:
-        try:
-            recipe = PRESETS[name]
-        except KeyError:
-            raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(PRESETS)}") from None
+        raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(PRESETS)}")
     if not overrides:
         return recipe
     reject_unknown_keys(overrides, {f.name for f in fields(Recipe)} - {"name"}, "recipe key")
