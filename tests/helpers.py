@@ -54,6 +54,18 @@ def write_cifar(root: Path, name: str, n_train: int = 60, n_test: int = 20, seed
     return train_labels
 
 
+def postgres_url() -> str:
+    """The PostgreSQL server of the tests (``.ci/postgres.sh`` starts one); skip without it, fail on CI."""
+    import pytest
+
+    url = os.environ.get("ALTERNAS_TEST_POSTGRES")
+    if not url:
+        if os.environ.get("CI"):
+            pytest.fail("CI must provide ALTERNAS_TEST_POSTGRES (.ci/postgres.sh starts the server)")
+        pytest.skip("no PostgreSQL server: set ALTERNAS_TEST_POSTGRES=postgresql://... (see .ci/postgres.sh)")
+    return url
+
+
 def small_study(tmp_path: Path, **overrides) -> dict:
     """A study mapping that trains in seconds on the CPU (tiny base, 300 shapes images, 1 epoch); a dict override
     updates its section, anything else replaces the key."""

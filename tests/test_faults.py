@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import small_study
+from tests.helpers import postgres_url, small_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ("status", "val_acc", "val_nll", "test_acc", "delta_high", "epochs_trained")
@@ -97,15 +97,6 @@ def test_buildup_killed_at_any_phase_finishes_like_an_uninterrupted_run(tmp_path
     assert (tmp_path / "study" / "report.html").read_text().rstrip().endswith("</html>")
 
 
-def _postgres() -> str:
-    url = os.environ.get("ALTERNAS_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide ALTERNAS_TEST_POSTGRES (.ci/postgres.sh starts the server)")
-        pytest.skip("no PostgreSQL server: set ALTERNAS_TEST_POSTGRES=postgresql://... (see .ci/postgres.sh)")
-    return url
-
-
 @pytest.fixture(scope="module")
 def optuna_reference(tmp_path_factory) -> dict:
     folder = tmp_path_factory.mktemp("optuna-reference")
@@ -121,7 +112,7 @@ def test_optuna_worker_killed_at_any_phase_finishes_like_an_uninterrupted_run(tm
                                                                                 storage) -> None:
     """The study's two trials are the enqueued base and paper placements, so both runs evaluate the same
     candidates; the killed worker's trial is re-queued (journal) or retried by the heartbeat (PostgreSQL)."""
-    url = _postgres() if storage == "postgresql" else None
+    url = postgres_url() if storage == "postgresql" else None
     raw = _study(tmp_path, optuna={"study_name": f"faults-{uuid.uuid4().hex[:8]}"})
     killed = _run("optuna", tmp_path, raw, kill_at=phase, storage=url)
     assert killed.returncode == -9, f"never reached {phase}: {killed.stderr[-1500:]}"

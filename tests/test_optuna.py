@@ -1,5 +1,4 @@
 import json
-import os
 import subprocess
 import sys
 import warnings
@@ -18,7 +17,7 @@ from alternas.search import study_from_dict
 from alternas.search.optuna_search import load_optuna_study, redact, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate, run_cli
+from tests.helpers import kill_mid_candidate, postgres_url, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -200,19 +199,10 @@ def test_multi_objective_pareto_front_and_export_rule(tmp_path) -> None:
     assert_report_renders(Path(root) / "report.html", min_figures=7)  # Pareto, parallel coords x2, heat map, ...
 
 
-def _postgres_url() -> str:
-    url = os.environ.get("ALTERNAS_TEST_POSTGRES")
-    if not url:
-        if os.environ.get("CI"):
-            pytest.fail("CI must provide ALTERNAS_TEST_POSTGRES (.ci/postgres.sh starts the server)")
-        pytest.skip("no PostgreSQL server: set ALTERNAS_TEST_POSTGRES=postgresql://... (see .ci/postgres.sh)")
-    return url
-
-
 def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
     import uuid
 
-    url = _postgres_url()
+    url = postgres_url()
     name = f"pg-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_study(tmp_path, trials=5, pruner="none", sampler="random", study_name=name)))
@@ -277,7 +267,7 @@ def test_worker_killed_mid_trial_on_the_journal_file_is_requeued_and_resumes(tmp
 def test_worker_killed_mid_trial_on_postgresql_is_retried_by_the_heartbeat(tmp_path) -> None:
     import uuid
 
-    url = _postgres_url()
+    url = postgres_url()
     study, killed, victim, epochs_before, _ = _killed_and_restarted_worker(
         tmp_path, url, study_name=f"kill-{uuid.uuid4().hex[:8]}", heartbeat_s=1, grace_period_s=3)
     retries = [t.number for t in study.trials
