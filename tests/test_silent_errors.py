@@ -247,7 +247,8 @@ def test_optuna_refuses_at_start_what_would_fail_later(tmp_path) -> None:
     assert "Traceback" not in res.stderr
 
 
-def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path) -> None:
+def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monkeypatch) -> None:
+    """Two workers start together: both list the dead worker's RUNNING trial before either fails it."""
     from alternas.search.optuna_search import open_storage
 
     config = study_from_dict(_study(tmp_path))
@@ -258,6 +259,8 @@ def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path) -> No
     trial.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
     trial.suggest_int("c4_msa", 0, 1)
     other = optuna.load_study(study_name="t", storage=open_storage(config))  # a second worker, same journal
+    listed = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    monkeypatch.setattr(other, "get_trials", lambda **_: listed)  # its listing predates the first worker's change
     assert _requeue_dead_workers(study, lambda _: None) == 1
     assert _requeue_dead_workers(other, lambda _: None) == 0  # already failed by the first: no error, no twin
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
