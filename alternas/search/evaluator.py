@@ -199,8 +199,9 @@ class Evaluator:
                 return hit if self._diagnosed(hit) else self._rediagnose(hit, recipe)
             if self._retrying(key):
                 self._retried.add(key)
-                if self.result_path(key).is_file():  # a diverged run: start it again from scratch
-                    shutil.rmtree(self.folder.candidates / key)
+                stored = _read_result(self.result_path(key))
+                if stored is not None and stored.status == "diverged":  # start it again from scratch (a crash
+                    shutil.rmtree(self.folder.candidates / key)         # resumes from its checkpoint instead)
             return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback, stop_after)
 
     @contextmanager
