@@ -20,6 +20,8 @@ from alternas.faults import fault_point
 
 # What reading a truncated or garbled file raises: such a file is treated as absent and its work is redone.
 DAMAGED_FILE_ERRORS = (OSError, EOFError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError)
+# ... and what building a record (a dataclass) from a parsed file of the wrong shape raises.
+DAMAGED_RECORD_ERRORS = (*DAMAGED_FILE_ERRORS, TypeError, AttributeError)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], durable: bool = False) -> Path:

@@ -42,6 +42,11 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, gen: torch.
     return images
 
 
+def augment_seed(seed: int, rank: int) -> int:
+    """The seed of a rank's augmentation stream: distinct per rank and from the shuffle's ``seed``."""
+    return seed * 1_000_003 + rank + 1
+
+
 class TensorLoader:
     """Batches of an in-memory ``ImageData`` on ``device``, shuffled and augmented with seeded generators.
 
@@ -78,7 +83,7 @@ class TensorLoader:
         self.rank, self.world = rank, world
         # CPU generators: identical streams on every device
         self.generator = torch.Generator().manual_seed(seed)
-        self.augment_generator = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)
+        self.augment_generator = torch.Generator().manual_seed(augment_seed(seed, rank))
 
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
@@ -165,7 +170,7 @@ def pil_loader(
 
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                      drop_last=True)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + rank + 1)  # per rank: workers augment differently
+    gen = torch.Generator().manual_seed(augment_seed(seed, rank))  # per rank: workers augment differently
     return SeededDataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
         generator=gen, persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=drop_last,

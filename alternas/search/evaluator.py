@@ -32,7 +32,7 @@ from alternas.data.datasets import DataSplits, load_data
 from alternas.diagnostics.run import diagnose
 from alternas.errors import AlternasError
 from alternas.faults import fault_point
-from alternas.fileio import atomic_write, atomic_write_text
+from alternas.fileio import DAMAGED_RECORD_ERRORS, atomic_write, atomic_write_text
 from alternas.models import count_flops, count_parameters
 from alternas.models.bases import get_base
 from alternas.placement import Placement
@@ -91,7 +91,7 @@ def _read_result(path: Path) -> CandidateResult | None:
     """A candidate's ``result.json``; ``None`` when missing or unreadable (a damaged file means: evaluate again)."""
     try:
         return CandidateResult.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, TypeError, AttributeError):
+    except DAMAGED_RECORD_ERRORS:
         return None
 
 

@@ -33,7 +33,7 @@ from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.faults import fault_point
-from alternas.fileio import DAMAGED_FILE_ERRORS, atomic_write, atomic_write_text, load_weights, save_weights
+from alternas.fileio import DAMAGED_RECORD_ERRORS, atomic_write, atomic_write_text, load_weights, save_weights
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from alternas.train.evidence import Evidence, load_evidence, split_digest
 from alternas.train.metrics import evaluate, per_example, predict, summarize
@@ -176,7 +176,7 @@ def _finished_result(run_dir: Path) -> RunResult | None:
         saved = json.loads((run_dir / "metrics.json").read_text())
         if saved.get("status") in ("completed", "diverged") and "result" in saved:
             return RunResult(**saved["result"])
-    except (*DAMAGED_FILE_ERRORS, TypeError, AttributeError):
+    except DAMAGED_RECORD_ERRORS:
         pass  # missing or damaged: the checkpoint says where the run stands
     return None
 
@@ -216,15 +216,17 @@ def fit(
     if (saved is not None or finished is not None) and not resume:
         raise ConfigError(f"run folder {run_dir} already holds a run; pass --resume to continue it or choose "
                           "another --out")
-    if finished is not None and finished.status == "diverged":
-        return finished
-    if finished is not None:  # the caller diagnoses or exports this model: give it the trained weights, on the
-        trained = load_weights(run_dir / "model.safetensors")  # device and in the layout training left it in
+    if finished is not None:
+        if finished.status == "diverged":
+            return finished
+        # completed: the caller diagnoses or exports this model, so give it the trained weights, on the device
+        # and in the layout training left it in. Damaged or missing weights: finish again from the last
+        # checkpoint (no epoch is retrained).
+        trained = load_weights(run_dir / "model.safetensors")
         if trained is not None:
             model.load_state_dict(trained)
             model.to(dev, memory_format=training_memory_format(dev))
             return finished
-        # damaged or missing final weights: finish again from the last checkpoint (no epoch is retrained)
 
     seed_everything(seed, deterministic)
     cuda = dev.type == "cuda"
