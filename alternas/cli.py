@@ -334,6 +334,41 @@ def _study_options(func: Any) -> Any:
     return func
 
 
+def _worker_options(func: Any) -> Any:
+    """How many local workers a search runs, and how many torch threads each uses."""
+    for option in reversed([
+        click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Local worker processes: one per visible GPU, or on CPU each with cores/N torch threads."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Torch threads of this worker (default: torch's; --workers sets cores/N)."),
+        click.option("--worker", is_flag=True, hidden=True, help="Started by --workers: no report of its own."),
+    ]):
+        func = option(func)
+    return func
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_workers(command: str, config: Any, workers: int, storage: str | None, quiet: bool,
+                 retry_failed: bool) -> None:
+    """``workers`` local processes of ``command`` on the study as saved in its folder (every override applied)."""
+    from alternas.search import StudyFolder
+    from alternas.search.workers import launch_workers
+
+    folder = StudyFolder(config.output_dir)
+    folder.save_config(config)
+    args = [command, "--study", str(folder.root / "study.yaml"), "--worker"]
+    args += ["--quiet"] * quiet + ["--retry-failed"] * retry_failed
+    code = launch_workers(args, workers, storage, click.echo)
+    if code:
+        raise SystemExit(code)
+
+
 @main.command()
 @click.option("--study", "study_file", type=click.Path(dir_okay=False), default=None,
               help="Study YAML (e.g. studies/quickstart.yaml); flags below override it.")
@@ -351,13 +386,18 @@ def _study_options(func: Any) -> Any:
 @click.option("--max-candidates", type=click.IntRange(min=1), default=None)
 @click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None)
 @click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
+@click.option("--storage", default=None, help="Optuna storage URL every worker shares (default: $ALTERNAS_STORAGE, "
+              "else the study's optuna.storage, else a journal file in the study folder).")
+@_worker_options
 def buildup(study_file: str | None, name: str | None, base: str | None, data_name: str | None,
             data_root: str | None, subset: float | None, recipe_name: str | None, epochs: int | None,
             seeds: str | None, start: str | None, min_gain: float | None, confidence: float | None,
             min_seeds: int | None, max_seeds: int | None, screen_at: float | None, patience: int | None,
-            max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, out_dir: str | None,
-            device: str | None, quiet: bool, retry_failed: bool) -> None:
-    """Run (or resume) the automated build-up search; finished candidates are never retrained."""
+            max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, storage: str | None,
+            workers: int, threads: int | None, worker: bool, out_dir: str | None, device: str | None, quiet: bool,
+            retry_failed: bool) -> None:
+    """Run (or resume) the automated build-up search; finished candidates are never retrained. Start it on every
+    GPU of every machine with one --storage (or --workers N on one machine): the workers share one search."""
     from alternas.report import build_report
     from alternas.search import run_buildup
 
@@ -369,11 +409,18 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
                                              "buildup.budget_hours": budget_hours, "buildup.warm_start": warm_start})
     click.echo(f"study {config.name}: base {config.base}, data {config.data.name}, recipe {config.recipe.name} "
                f"({config.recipe.total_epochs} epochs), seeds {list(config.seeds)} -> {config.output_dir}")
-    outcome = run_buildup(config, quiet=quiet, retry_failed=retry_failed, log=click.echo)
-    report = build_report(config.output_dir)
-    click.echo(f"best placement: {outcome.best} ({outcome.candidates_evaluated} placements, "
-               f"{outcome.candidate_epochs} candidate-epochs trained in this run, stopped: {outcome.stopped_by})")
-    click.echo(f"report: {report}")
+    if workers > 1:
+        _run_workers("buildup", config, workers, storage, quiet, retry_failed)
+        trajectory = json.loads((config.output_dir / "trajectory.json").read_text())
+        click.echo(f"best placement: {trajectory['best']} ({len(trajectory['steps'])} placements, {workers} workers)")
+    else:
+        _set_threads(threads)
+        outcome = run_buildup(config, quiet=quiet, retry_failed=retry_failed, storage=storage, log=click.echo)
+        click.echo(f"best placement: {outcome.best} ({outcome.candidates_evaluated} placements, "
+                   f"{outcome.candidate_epochs} candidate-epochs trained by this worker, stopped: "
+                   f"{outcome.stopped_by})")
+    if not worker:
+        click.echo(f"report: {build_report(config.output_dir)}")
 
 
 def _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds, out_dir, device,
@@ -422,14 +469,16 @@ def _study_config(study_file, name, base, data_name, data_root, subset, recipe_n
 @click.option("--study-name", default=None, help="Name of the Optuna study inside the storage.")
 @click.option("--seed", type=int, default=None, help="Sampler seed.")
 @_study_options
+@_worker_options
 def optuna(study_file: str | None, trials: int | None, space: str | None, sampler: str | None, pruner: str | None,
            objectives: str | None, storage: str | None, study_name: str | None, seed: int | None, name: str | None,
            base: str | None, data_name: str | None, data_root: str | None, subset: float | None,
            recipe_name: str | None, epochs: int | None, seeds: str | None, out_dir: str | None, device: str | None,
-           quiet: bool, retry_failed: bool) -> None:
+           quiet: bool, retry_failed: bool, workers: int, threads: int | None, worker: bool) -> None:
     """Optuna search over placements; run the same command on many machines with one --storage to share a study."""
     from alternas.report import build_report
-    from alternas.search.optuna_search import redact, run_optuna
+    from alternas.search.optuna_search import run_optuna
+    from alternas.search.storage import redact
 
     if study_file is None and not (base or data_name):
         base, data_name = "resnet50", "cifar100"
@@ -444,7 +493,16 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
     where = redact(oc.storage) if oc.storage else "the journal file in the study folder"
     click.echo(f"optuna study {oc.study_name or config.name}: {oc.trials} trials in total, sampler {oc.sampler}, "
                f"objectives {list(oc.objectives)}, storage {where} -> {config.output_dir}")
-    study = run_optuna(config, quiet=quiet, retry_failed=retry_failed, log=click.echo)
+    if workers > 1:
+        _run_workers("optuna", config, workers, storage, quiet, retry_failed)
+        from alternas.search.optuna_search import load_optuna_study
+
+        study = load_optuna_study(config)
+    else:
+        _set_threads(threads)
+        study = run_optuna(config, storage=storage, quiet=quiet, retry_failed=retry_failed, log=click.echo)
+    if worker:
+        return
     states = [t.state.name for t in study.trials]
     click.echo(f"trials: {len(states)} ({states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned, "
                f"{states.count('FAIL')} failed)")
@@ -469,7 +527,7 @@ def report(study_dir: str, storage: str | None) -> None:
 
 
 BENCHMARKS = ("attention", "layout", "pipeline", "hessian", "fourier")
-SLOW_BENCHMARKS = ("decisions",)  # run only when named
+SLOW_BENCHMARKS = ("decisions", "buildup-workers")  # run only when named
 
 
 @main.command()
@@ -484,17 +542,38 @@ SLOW_BENCHMARKS = ("decisions",)  # run only when named
 @click.option("--json", "as_json", is_flag=True, help="decisions: print the figures as one JSON object.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="decisions: override a study key, e.g. buildup.screen_at=0.4 (repeatable).")
+@click.option("--workers", "worker_counts", default="1,2,4,8", show_default=True,
+              help="buildup-workers: the worker counts to simulate, comma-separated.")
+@click.option("--worlds", type=click.IntRange(min=1), default=5, show_default=True,
+              help="buildup-workers: simulated seed-noise worlds to average over.")
+@click.option("--min-seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="buildup-workers: seeds a comparison starts with (up to 5).")
 def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: str, pools: int,
-          out_dir: str | None, as_json: bool, sets: tuple[str, ...]) -> None:
+          out_dir: str | None, as_json: bool, sets: tuple[str, ...], worker_counts: str, worlds: int,
+          min_seeds: int) -> None:
     """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
     DataLoader pipeline, Lanczos vs PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward.
     Default: all of them. `decisions` (only when named: minutes per pool) runs a study's build-up on disjoint
     seed pools and prints how often the final placements agree, seeds and candidate-epochs per decision and the
-    wall time."""
+    wall time. `buildup-workers` (only when named) simulates the build-up of PAPER.md §3.3 with 1, 2, 4 and 8
+    workers and prints the wall-time speedup, the wasted (speculative, unused) work and whether the decisions
+    equal one worker's."""
     from alternas import bench as b
 
     for name in which or BENCHMARKS:
-        if name == "decisions":
+        if name == "buildup-workers":
+            try:
+                counts = tuple(int(c) for c in worker_counts.split(","))
+            except ValueError:
+                raise click.BadParameter(f"expected comma-separated integers, got {worker_counts!r}",
+                                         param_hint="--workers") from None
+            if min(counts) < 1 or not 1 <= min_seeds <= 5:
+                raise click.BadParameter("worker counts must be >= 1 and --min-seeds between 1 and 5")
+            rows = b.buildup_workers(counts, min_seeds=min_seeds, worlds=worlds,
+                                     log=lambda line: click.echo(line, err=as_json))
+            if as_json:
+                click.echo(json.dumps(rows))
+        elif name == "decisions":
             import yaml
 
             overrides = {key: yaml.safe_load(value) for key, value in _parse_sets(sets).items()}

@@ -66,5 +66,3 @@ class DataError(AlternasError):
     """A dataset that is missing, malformed or unreachable."""
 
 
-class StudyLockedError(AlternasError):
-    """Another process holds the study folder."""

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 import alternas  # noqa: F401
-from alternas.errors import ConfigError, StudyLockedError
+from alternas.errors import ConfigError
 from alternas.placement import Placement
-from alternas.search import BuildupPolicy, Evaluator, StudyFolder, load_study, run_buildup, study_from_dict
+from alternas.search import BuildupPolicy, Evaluator, load_study, run_buildup, study_from_dict
 from tests.browser import assert_report_renders
 from tests.helpers import kill_mid_candidate, run_cli, small_study
 
@@ -131,21 +131,6 @@ def test_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path) -> No
     statuses = {r.status for r in Evaluator(config).all_results()}
     assert statuses == {"diverged"}
     assert [s.decision for s in outcome.steps] == ["start", "reject", "reject"]
-
-
-def test_second_process_on_the_same_study_is_refused(tmp_path) -> None:
-    folder = StudyFolder(tmp_path / "study")
-    folder.lock()
-    try:
-        path = tmp_path / "s.yaml"
-        path.write_text(yaml.safe_dump(_study(tmp_path)))
-        res = subprocess.run([sys.executable, "-m", "alternas", "buildup", "--study", str(path)],
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == 2 and "is in use by another alternas process" in res.stderr
-        with pytest.raises(StudyLockedError):
-            StudyFolder(tmp_path / "study").lock()
-    finally:
-        folder.unlock()
 
 
 def test_resume_after_kill_mid_comparison_reuses_finished_runs_and_the_interrupted_epochs(tmp_path) -> None:

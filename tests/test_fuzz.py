@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from alternas.errors import AlternasError
 from alternas.placement import Placement
-from alternas.search.optuna_search import open_storage
 from alternas.search.spaces import space_from_dict
+from alternas.search.storage import open_storage
 from alternas.search.study import StudyConfig, study_from_dict
 from alternas.train import Recipe, get_recipe
 from tests.helpers import run_cli, small_study
@@ -119,7 +119,7 @@ def test_storage_urls(tmp_path, url: str) -> None:
     config = study_from_dict(small_study(tmp_path))
     if url.startswith(("sqlite", "postgresql")) or not url.strip():
         return  # real databases (or the default journal): covered by the storage tests
-    storage = _user_error_or_value(lambda: open_storage(config, url))
+    storage = _user_error_or_value(lambda: open_storage(config.output_dir, url))
     assert storage is None  # nothing but the known databases and the journal file is accepted
 
 

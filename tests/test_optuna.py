@@ -14,8 +14,9 @@ from alternas.errors import ConfigError
 from alternas.placement import Placement
 from alternas.report.html import _importances
 from alternas.search import study_from_dict
-from alternas.search.optuna_search import load_optuna_study, redact, run_optuna
+from alternas.search.optuna_search import load_optuna_study, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
+from alternas.search.storage import redact
 from tests.browser import assert_report_renders
 from tests.helpers import kill_mid_candidate, postgres_url, run_cli
 

@@ -20,7 +20,7 @@ from alternas.data.loader import TensorLoader
 from alternas.diagnostics.hessian import twice_differentiable
 from alternas.errors import PlacementError
 from alternas.search import Evaluator, run_buildup, study_from_dict
-from alternas.search.optuna_search import _alive, _process_start, _requeue_dead_workers
+from alternas.search.storage import alive, fail_dead_workers, open_storage, process_start
 from alternas.train import fit, get_recipe
 from alternas.train.metrics import predict
 from alternas.train.run import model_for
@@ -249,27 +249,25 @@ def test_optuna_refuses_at_start_what_would_fail_later(tmp_path) -> None:
 
 def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monkeypatch) -> None:
     """Two workers start together: both list the dead worker's RUNNING trial before either fails it."""
-    from alternas.search.optuna_search import open_storage
-
     config = study_from_dict(_study(tmp_path))
-    study = optuna.create_study(study_name="t", storage=open_storage(config))
+    study = optuna.create_study(study_name="t", storage=open_storage(config.output_dir))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
     trial.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
     trial.suggest_int("c4_msa", 0, 1)
-    other = optuna.load_study(study_name="t", storage=open_storage(config))  # a second worker, same journal
+    other = optuna.load_study(study_name="t", storage=open_storage(config.output_dir))  # a second worker, same journal
     listed = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     monkeypatch.setattr(other, "get_trials", lambda **_: listed)  # its listing predates the first worker's change
-    assert _requeue_dead_workers(study, lambda _: None) == 1
-    assert _requeue_dead_workers(other, lambda _: None) == 0  # already failed by the first: no error, no twin
+    assert fail_dead_workers(study, lambda _: None) == 1
+    assert fail_dead_workers(other, lambda _: None) == 0  # already failed by the first: no error, no twin
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
 
 def test_a_reused_pid_does_not_count_as_the_dead_worker() -> None:
     me = os.getpid()
-    assert _alive(me, _process_start(me))
-    assert not _alive(me, "1")  # this pid, but a process started at another time: the recorded worker is gone
+    assert alive(me, process_start(me))
+    assert not alive(me, "1")  # this pid, but a process started at another time: the recorded worker is gone
 
 
 # -- 10. atomic writes -----------------------------------------------------------------------------------------------

@@ -111,6 +111,11 @@ def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
     if not path.is_file() or path.stat().st_size == 0:
         return "<p>No candidates evaluated yet.</p>", None
     frame = pd.read_csv(path)
+    trajectory = _read(study_dir / "trajectory.json") or {}
+    unused = set(trajectory.get("speculative_unused", []))
+    if unused:  # trained ahead by an idle build-up worker, and no decision needed it
+        frame["status"] = [f"{s} (speculative, unused)" if k in unused else s
+                           for k, s in zip(frame["key"], frame["status"])]
     columns = [c for c in _TABLE_COLUMNS if c in frame.columns]
     frame = frame[columns].sort_values("val_acc", ascending=False, na_position="last")
     return "<h2>Results</h2>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0), frame
@@ -140,7 +145,8 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
     import optuna
     from optuna.trial import TrialState
 
-    from alternas.search.optuna_search import OBJECTIVES, load_optuna_study, redact
+    from alternas.search.optuna_search import OBJECTIVES, load_optuna_study
+    from alternas.search.storage import redact
 
     config = StudyFolder(study_dir).load_config()
     study = load_optuna_study(config, storage)
@@ -281,9 +287,13 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
         if compared:
             figures += diagnostic_figures(compared)
     if storage or has_optuna(study_dir) or _configured_storage(study_dir):
-        optuna_figs, optuna_intro = _optuna_section(study_dir, storage)
-        figures += optuna_figs
-        intro.append(optuna_intro)
+        try:
+            optuna_figs, optuna_intro = _optuna_section(study_dir, storage)
+            figures += optuna_figs
+            intro.append(optuna_intro)
+        except ConfigError:  # the storage holds only the build-up's evaluations
+            if storage:
+                raise
     figures += extra_figures or []
     table, _ = _results_table(study_dir)
     if not figures and table.startswith("<p>No"):

@@ -126,7 +126,7 @@ class SequentialOutcome:
 
 
 def sequential_compare(
-    evidence: Callable[[int], tuple[np.ndarray, np.ndarray]],
+    evidence: Callable[[int], tuple[np.ndarray, np.ndarray] | None],
     *,
     min_seeds: int,
     max_seeds: int,
@@ -137,16 +137,20 @@ def sequential_compare(
     """Racing over seeds: look with ``min_seeds``, and while undecided and seeds remain, add one and look again.
 
     ``evidence(k)`` returns the (k, n_examples) child and parent arrays of the first ``k`` seeds (training what is
-    missing); fewer rows mean the seed pool ran out. Undecided at ``max_seeds`` (or at the end of the pool) is a
-    reject decided by the seed budget (the rule: "if it does not improve"). ``on_look(comparison, seeds,
-    will_add_seed)`` lets the caller report each look.
+    missing); fewer rows mean the seed pool ran out, and ``None`` skips the look at ``k`` (a what-if replay of the
+    build-up assumes that look undecided). Undecided at ``max_seeds`` (or at the end of the pool) is a reject
+    decided by the seed budget (the rule: "if it does not improve"). ``on_look(comparison, seeds, will_add_seed)``
+    lets the caller report each look.
     """
     if not 1 <= min_seeds <= max_seeds:
         raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
     planned = max_seeds - min_seeds + 1
     looks: list[Comparison] = []
     for k in range(min_seeds, max_seeds + 1):
-        child, parent = evidence(k)
+        arrays = evidence(k)
+        if arrays is None:  # no look at k seeds (a what-if replay assumed it undecided)
+            continue
+        child, parent = arrays
         look = compare_paired(child, parent, min_gain, confidence, looks=planned)
         looks.append(look)
         more = look.decision == "undecided" and k < max_seeds and len(child) == k

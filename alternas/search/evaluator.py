@@ -46,6 +46,11 @@ SELECTS_ON_TEST = ("data.val_fraction is 0: candidates are trained on every trai
                    "test split (the paper's protocol), so their test accuracy is no longer an unbiased estimate")
 
 
+class EvaluationCancelled(Exception):  # noqa: N818 (a stop on purpose, not an error)
+    """Raised by an epoch callback to stop a run nobody needs any more: nothing is cached and its checkpoint stays,
+    so the run resumes if it is ever needed again."""
+
+
 @dataclass
 class CandidateResult:
     """One row of the results table."""
@@ -104,6 +109,12 @@ def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, see
                "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
                "parent": parent}
     return _digest(payload)
+
+
+def warm_recipe(config: StudyConfig) -> Recipe:
+    """What a warm-started child (and its control) trains: the study's recipe, shorter and without warmup."""
+    epochs = config.buildup.warm_start_epochs or max(1, config.recipe.epochs // 2)
+    return replace(config.recipe, epochs=epochs, warmup_epochs=0)
 
 
 def base_architecture(spec: str) -> dict[str, Any]:
@@ -168,9 +179,7 @@ class Evaluator:
         return self.cached(self.key_for(placement, seed, parent)) is not None
 
     def warm_recipe(self) -> Recipe:
-        b = self.config.buildup
-        epochs = b.warm_start_epochs or max(1, self.config.recipe.epochs // 2)
-        return replace(self.config.recipe, epochs=epochs, warmup_epochs=0)
+        return warm_recipe(self.config)
 
     def evaluate(
         self,
@@ -242,8 +251,8 @@ class Evaluator:
                 return result
             if run.status == "completed":
                 self._diagnose(model, recipe, result)
-        except (KeyboardInterrupt, TrialPruned, AlternasError):
-            raise  # stop (Ctrl-C), pruned by Optuna, or a user error: nothing to cache
+        except (KeyboardInterrupt, TrialPruned, EvaluationCancelled, AlternasError):
+            raise  # stop (Ctrl-C), pruned or no longer needed, or a user error: nothing to cache
         except Exception as err:  # a crash is recorded and the search goes on; the next run retries it
             result = CandidateResult(**base, status="failed", wall_time=time.perf_counter() - started,
                                      error=self._crash_message(err, recipe))

@@ -9,16 +9,12 @@ Either way the retried candidate resumes from its last epoch checkpoint.
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import optuna
 from optuna.trial import TrialState
@@ -27,6 +23,7 @@ from alternas.errors import ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
+from alternas.search.storage import JOURNAL, fail_dead_workers, mark_worker, open_storage
 from alternas.search.study import Pruner, Sampler, StudyConfig, StudyFolder
 
 # objective name -> (result attribute, direction)
@@ -43,44 +40,6 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
 HESSIAN_OBJECTIVES = ("lambda_max", "nep", "ape")
 SAMPLERS = get_args(Sampler)
 PRUNERS = get_args(Pruner)
-JOURNAL = "optuna.journal"
-
-
-def redact(url: str) -> str:
-    """A storage URL safe to print: the password (and any token in the query) replaced by ***."""
-    url = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
-    return re.sub(r"(?i)(password|token|secret)=[^&]+", r"\1=***", url)
-
-
-def open_storage(config: StudyConfig, url: str | None = None) -> Any:
-    """The Optuna storage: ``url`` / ``$ALTERNAS_STORAGE`` / the study's journal file."""
-    url = url or config.optuna.storage or os.environ.get("ALTERNAS_STORAGE")
-    if not url:
-        folder = config.output_dir
-        folder.mkdir(parents=True, exist_ok=True)
-        from optuna.storages.journal import JournalFileBackend
-
-        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
-    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
-        retry = optuna.storages.RetryHeartbeatStaleTrialCallback
-        for attempt in range(4):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=config.optuna.heartbeat_s,
-                                                      grace_period=config.optuna.grace_period_s,
-                                                      heartbeat_stale_trial_callback=retry(max_retry=3))
-            except ImportError as err:
-                raise ConfigError(f"cannot open Optuna storage {redact(url)}: {err} (pip install "
-                                  "'alternas[postgres]' for PostgreSQL)") from None
-            except Exception as err:  # connection refused, bad credentials, or workers creating the schema at once
-                if attempt == 3 or "UniqueViolation" not in repr(err) and "already exists" not in str(err):
-                    raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
-                                      f"{redact(str(err)).splitlines()[0]}") from None
-                time.sleep(0.5 + attempt)
-    scheme = url.split("://", 1)[0] if "://" in url else url
-    raise ConfigError(f"unsupported Optuna storage {redact(url)} (scheme {scheme!r}); give a database URL "
-                      "(sqlite:///PATH, postgresql://USER@HOST/DB, mysql://...) or none for the study's journal file")
 
 
 def _sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
@@ -103,48 +62,6 @@ def _pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner {name!r}; choose one of: {', '.join(PRUNERS)}")
-
-
-def _requeue_dead_workers(study: optuna.Study, log: Callable[[str], None]) -> int:
-    """Journal storage: RUNNING trials started on this host by a process that no longer exists are failed and
-    re-queued with the same parameters (their candidate resumes from its checkpoint)."""
-    host = socket.gethostname()
-    requeued = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = trial.user_attrs.get("worker", "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host != host or not pid.isdigit() or _alive(int(pid), trial.user_attrs.get("worker_started")):
-            continue
-        try:  # no public API fails another process's trial; this is what Optuna's own stale-trial check does
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker starting at the same time re-queued it first
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-        requeued += 1
-        log(f"re-queued trial {trial.number} {trial.user_attrs.get('placement', '')} (its worker pid {pid} died)")
-    return requeued
-
-
-def _alive(pid: int, started: str | None = None) -> bool:
-    """Whether process ``pid`` exists and, when its start time was recorded, is still that process (pids are
-    reused: a new process with a dead worker's pid must not keep its trial RUNNING forever)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = _process_start(pid)
-    return started is None or now is None or now == started
-
-
-def _process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``; ``None`` where unavailable)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
 
 
 def _known_placements(config: StudyConfig, space: SearchSpace) -> list[tuple[str, Placement]]:
@@ -188,7 +105,7 @@ def run_optuna(
     multi = len(names) > 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [OBJECTIVES[n][1] for n in names]
-    opened = open_storage(config, storage)
+    opened = open_storage(config.output_dir, storage, oc.storage, oc.heartbeat_s, oc.grace_period_s)
     study = optuna.create_study(
         study_name=oc.study_name or config.name, storage=opened, load_if_exists=True,
         directions=directions, sampler=_sampler(oc.sampler, oc.seed, space),
@@ -201,10 +118,7 @@ def run_optuna(
     study.set_user_attr("selection_split", "test" if config.data.val_fraction == 0 else "val")
     if config.data.val_fraction == 0:
         log(SELECTS_ON_TEST)
-    if isinstance(opened, optuna.storages.RDBStorage):  # stale heartbeats, on any host: failed and re-queued now,
-        optuna.storages.fail_stale_trials(study)         # so that they do not count as running below
-    else:
-        _requeue_dead_workers(study, log)
+    fail_dead_workers(study, log)  # failed and re-queued now, so that they do not count as running below
     existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
     for label, placement in _known_placements(config, space):
         params = space.encode(placement)
@@ -233,8 +147,7 @@ class _Objective:
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("worker_started", _process_start(os.getpid()))
+        mark_worker(trial._trial_id, trial.study._storage)
         try:
             placement, base, window = self.space.sample(trial)
         except InvalidCandidate as err:
@@ -305,7 +218,8 @@ class _Objective:
 def load_optuna_study(config: StudyConfig, storage: str | None = None) -> optuna.Study:
     name = config.optuna.study_name or config.name
     try:
-        return optuna.load_study(study_name=name, storage=open_storage(config, storage))
+        opened = open_storage(config.output_dir, storage, config.optuna.storage)
+        return optuna.load_study(study_name=name, storage=opened)
     except KeyError:
         raise ConfigError(f"no Optuna study named {name!r} in this storage; run `alternas optuna` first") from None
 

@@ -7,7 +7,6 @@ Every key is validated (an unknown one is named with its path); CLI flags overri
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -19,7 +18,7 @@ import yaml
 
 from alternas.data.datasets import DataConfig
 from alternas.diagnostics.run import DiagnosticsConfig
-from alternas.errors import AlternasError, ConfigError, StudyLockedError, check_types, reject_unknown_keys
+from alternas.errors import AlternasError, ConfigError, check_types, reject_unknown_keys
 from alternas.fileio import atomic_write_text
 from alternas.models.bases import get_base
 from alternas.placement import Placement
@@ -225,39 +224,12 @@ def dataclass_dict(obj: Any) -> Any:
 
 
 class StudyFolder:
-    """The on-disk state of a study: a lock, per-candidate folders and results, derived tables."""
+    """The on-disk state of a study: per-candidate folders and results, derived tables (many workers may share it:
+    every file is written atomically, shared tables under a lock)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.candidates = self.root / "candidates"
-        self._lock_handle: Any = None
-
-    # -- lock ----------------------------------------------------------------------------------------------------
-    def lock(self) -> None:
-        """Exclusive lock for a build-up run; released by the OS if the process dies (even kill -9)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle = open(self.root / ".lock", "a+")  # noqa: SIM115 (held for the process's lifetime)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "?"
-            handle.close()
-            raise StudyLockedError(
-                f"study folder {self.root} is in use by another alternas process (pid {owner}); wait for it to "
-                "finish, stop it, or choose another --out"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._lock_handle = handle
-
-    def unlock(self) -> None:
-        if self._lock_handle is not None:
-            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
-            self._lock_handle.close()
-            self._lock_handle = None
 
     # -- files ---------------------------------------------------------------------------------------------------
     def write_json(self, name: str, payload: Any) -> Path:

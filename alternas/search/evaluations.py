@@ -1,0 +1,182 @@
+"""The build-up's shared state in an Optuna study: one trial per evaluation, run by exactly one worker.
+
+An evaluation (a placement trained with a seed, to the end or paused at the screening epoch) is a trial with fixed
+parameters (``seed``, ``epochs``, ``num_msa``; the placement in a user attr) in the study ``<name>:buildup`` of the
+storage. Its life uses Optuna's own states: WAITING (asked for), RUNNING (claimed by one worker, with heartbeats on
+RDB storages), COMPLETE (its result and the per-example evidence decisions read, as user attributes) or FAIL (a
+crash, with its result; or a dead, interrupted or cancelled worker, without one: asked for again). Decisions
+therefore need no shared filesystem: any worker on any machine replays them from the storage alone.
+
+Claiming is Optuna's compare-and-set from WAITING to RUNNING (what ``study.optimize`` uses for enqueued trials).
+Two workers may each ask for the same evaluation before seeing the other's trial; then each claims its own twin,
+and after claiming looks again: whoever sees another claimed or finished twin gives its claim up. Of two claims,
+the later one's look sees the earlier one, so at most one trains; rarely both give up, and it is asked again.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import FrozenTrial, TrialState
+
+from alternas.search.buildup import Evaluated, EvaluationRequest
+from alternas.search.evaluator import CandidateResult, warm_recipe
+from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, process_start
+from alternas.search.study import StudyConfig
+
+SUFFIX = ":buildup"
+
+
+@dataclass
+class Snapshot:
+    """The shared evaluations as this worker sees them now."""
+
+    done: dict[str, Evaluated]  # evaluation id -> its finished result
+    running: set[str]  # evaluation ids some worker is running
+
+
+def encode_correct(correct: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(np.asarray(correct, dtype=bool)).tobytes()).decode("ascii")
+
+
+def decode_correct(text: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
+
+
+class SharedEvaluations:
+    """The build-up's evaluations of one study in an Optuna storage (``url``, else ``$ALTERNAS_STORAGE``, else the
+    study's ``optuna.storage``, else the journal file in its folder)."""
+
+    def __init__(self, config: StudyConfig, url: str | None = None, *, retry_failed: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        oc = config.optuna
+        self.config, self.retry_failed, self.log = config, retry_failed, log
+        self.storage = open_storage(config.output_dir, url, oc.storage, oc.heartbeat_s, oc.grace_period_s)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.study = optuna.create_study(study_name=f"{oc.study_name or config.name}{SUFFIX}", storage=self.storage,
+                                         load_if_exists=True, direction="maximize")
+        self.me = {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_started": process_start(os.getpid())}
+        self._decoded: dict[int, Evaluated] = {}
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    def _trials(self, evaluation: str | None = None) -> list[FrozenTrial]:
+        trials = self.study.get_trials(deepcopy=False)
+        return [t for t in trials if "evaluation" in t.user_attrs
+                and (evaluation is None or t.user_attrs["evaluation"] == evaluation)]
+
+    def _mine(self, trial: FrozenTrial) -> bool:
+        return all(trial.user_attrs.get(k) == v for k, v in self.me.items())
+
+    def _counts(self, trial: FrozenTrial) -> bool:
+        """Whether a finished trial stands for its evaluation in this worker's view. A crash counts only for the
+        worker that had it (any other retries it, as a new run would); with ``retry_failed`` a divergence counts
+        only once this worker has run it again."""
+        result = trial.user_attrs.get("result")
+        if result is None:
+            return False
+        if trial.state == TrialState.FAIL:
+            return result["status"] == "failed" and self._mine(trial)
+        if trial.state != TrialState.COMPLETE:
+            return False
+        return not (self.retry_failed and result["status"] == "diverged") or self._mine(trial)
+
+    def _taken(self, trial: FrozenTrial) -> bool:
+        return trial.state == TrialState.RUNNING or self._counts(trial)
+
+    def snapshot(self) -> Snapshot:
+        done: dict[str, Evaluated] = {}
+        running: set[str] = set()
+        for trial in sorted(self._trials(), key=lambda t: t.number):
+            evaluation = trial.user_attrs["evaluation"]
+            if trial.state == TrialState.RUNNING:
+                running.add(evaluation)
+            elif self._counts(trial) and (evaluation not in done or done[evaluation].result.status == "failed"):
+                done[evaluation] = self._decode(trial)  # a finished run beats an earlier crash
+        return Snapshot(done, running)
+
+    def _decode(self, trial: FrozenTrial) -> Evaluated:
+        if trial.number not in self._decoded:  # finished trials never change: decode each once
+            attrs = trial.user_attrs
+            n = attrs.get("n_examples", 0)
+            self._decoded[trial.number] = Evaluated(
+                CandidateResult.from_dict(attrs["result"]),
+                {int(epoch): decode_correct(text, n) for epoch, text in attrs.get("correct", {}).items()},
+                attrs.get("last_epoch"))
+        return self._decoded[trial.number]
+
+    # -- claiming and recording -----------------------------------------------------------------------------------
+    def claim(self, request: EvaluationRequest) -> int | None:
+        """Make this worker the one that runs ``request``: its trial id, or ``None`` if another worker has it or
+        it is finished."""
+        twins = self._trials(request.id)
+        if any(self._taken(t) for t in twins):
+            return None
+        if not any(t.state == TrialState.WAITING for t in twins):
+            self.study.add_trial(self._waiting_trial(request))
+            twins = self._trials(request.id)
+        storage = self.study._storage  # the study's own (cached) storage, so its listing sees the claim
+        for trial in sorted((t for t in twins if t.state == TrialState.WAITING), key=lambda t: t.number):
+            try:
+                if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                    break
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        else:
+            return None
+        mark_worker(trial._trial_id, storage)
+        if any(self._taken(t) for t in self._trials(request.id) if t._trial_id != trial._trial_id):
+            self.release(trial._trial_id, "twin")  # another worker claimed a twin first
+            return None
+        return trial._trial_id
+
+    def _waiting_trial(self, request: EvaluationRequest) -> FrozenTrial:
+        epochs = request.stop_after or (warm_recipe(self.config) if request.parent_key
+                                        else self.config.recipe).total_epochs
+        fixed = {"seed": request.seed, "epochs": epochs, "num_msa": request.placement.upper().count("M")}
+        return optuna.trial.create_trial(  # the placement is a user attr: RDB storages refuse a categorical
+            state=TrialState.WAITING,       # parameter whose choices differ between trials
+            params=fixed, distributions={name: IntDistribution(v, v) for name, v in fixed.items()},
+            user_attrs={"evaluation": request.id, "placement": request.placement, "key": request.key,
+                        "parent": request.parent_key})
+
+    def record(self, trial_id: int, evaluated: Evaluated) -> None:
+        """Finish a claimed trial with its result: COMPLETE, or FAIL for a crash (retried by other workers)."""
+        storage, result = self.study._storage, evaluated.result
+        first = next(iter(evaluated.correct.values()), None)
+        storage.set_trial_user_attr(trial_id, "result", asdict(result))
+        storage.set_trial_user_attr(trial_id, "n_examples", 0 if first is None else len(first))
+        storage.set_trial_user_attr(trial_id, "correct", {str(e): encode_correct(c)
+                                                          for e, c in evaluated.correct.items()})
+        storage.set_trial_user_attr(trial_id, "last_epoch", evaluated.last_epoch)
+        if result.status == "failed":
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        else:
+            value = result.val_acc if result.val_acc is not None else 0.0
+            storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=[value])
+
+    def release(self, trial_id: int, why: str) -> None:
+        """Give a claimed trial up without a result (interrupted, cancelled, a twin): it will be asked for again."""
+        storage = self.study._storage
+        try:
+            storage.set_trial_user_attr(trial_id, "released", why)
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # already failed as stale by another worker
+
+    def heartbeat(self, trial_id: int) -> Heartbeat:
+        return Heartbeat(self.storage, trial_id)
+
+    def fail_dead_workers(self) -> int:
+        return fail_dead_workers(self.study, self.log, requeue=False)
+
+    def describe(self) -> dict[str, Any]:
+        states = [t.state.name for t in self._trials()]
+        return {state: states.count(state) for state in sorted(set(states))}

@@ -1,0 +1,145 @@
+"""Optuna storages shared by workers: opening one, naming a worker, keeping its trials alive, failing dead ones.
+
+Both searches keep their shared state in an Optuna storage: an RDB (PostgreSQL, MySQL, SQLite) for workers on
+many machines, or by default a journal file in the study folder. A worker killed mid-trial is found two ways: on
+an RDB storage by Optuna's heartbeat (``fail_stale_trials``, any host), and on any storage by its process id when
+it ran on this host (the journal file has no heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from alternas.errors import ConfigError
+
+JOURNAL = "optuna.journal"
+
+
+def redact(url: str) -> str:
+    """A storage URL safe to print: the password (and any token in the query) replaced by ***."""
+    url = re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(?i)(password|token|secret)=[^&]+", r"\1=***", url)
+
+
+def open_storage(folder: Path, url: str | None = None, configured: str | None = None, heartbeat_s: int = 30,
+                 grace_period_s: int = 90) -> Any:
+    """The Optuna storage: ``url`` (a flag) / ``$ALTERNAS_STORAGE`` / ``configured`` (the study file's
+    ``optuna.storage``) / the journal file in the study ``folder``."""
+    url = url or os.environ.get("ALTERNAS_STORAGE") or configured
+    if not url:
+        folder.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(folder / JOURNAL)))
+    if url.startswith(("sqlite", "postgresql", "mysql", "oracle", "mssql")):
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback
+        for attempt in range(4):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
+                                                      grace_period=grace_period_s,
+                                                      heartbeat_stale_trial_callback=retry(max_retry=3))
+            except ImportError as err:
+                raise ConfigError(f"cannot open Optuna storage {redact(url)}: {err} (pip install "
+                                  "'alternas[postgres]' for PostgreSQL)") from None
+            except Exception as err:  # connection refused, bad credentials, or workers creating the schema at once
+                if attempt == 3 or "UniqueViolation" not in repr(err) and "already exists" not in str(err):
+                    raise ConfigError(f"cannot open Optuna storage {redact(url)}: {type(err).__name__}: "
+                                      f"{redact(str(err)).splitlines()[0]}") from None
+                time.sleep(0.5 + attempt)
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    raise ConfigError(f"unsupported Optuna storage {redact(url)} (scheme {scheme!r}); give a database URL "
+                      "(sqlite:///PATH, postgresql://USER@HOST/DB, mysql://...) or none for the study's journal file")
+
+
+def mark_worker(trial_id: int, storage: Any) -> None:
+    """Record on a trial which process runs it, so that a restarted worker on this host can tell it died."""
+    storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
+    storage.set_trial_user_attr(trial_id, "worker_started", process_start(os.getpid()))
+
+
+def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: bool = True) -> int:
+    """Fail the RUNNING trials whose worker is gone: stale heartbeats on an RDB storage (any host), and trials
+    started on this host by a process that no longer exists (any storage). With ``requeue`` a failed trial is
+    enqueued again with the same parameters (the Optuna search; the build-up asks again by itself)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats (the journal file)
+    host = socket.gethostname()
+    failed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host != host or not pid.isdigit() or alive(int(pid), trial.user_attrs.get("worker_started")):
+            continue
+        try:  # no public API fails another process's trial; this is what Optuna's own stale-trial check does
+            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker starting at the same time failed it first
+        if requeue:
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        failed += 1
+        log(f"{'re-queued' if requeue else 'failed'} trial {trial.number} {trial.user_attrs.get('placement', '')} "
+            f"(its worker pid {pid} died)")
+    return failed
+
+
+def alive(pid: int, started: str | None = None) -> bool:
+    """Whether process ``pid`` exists and, when its start time was recorded, is still that process (pids are
+    reused: a new process with a dead worker's pid must not keep its trial RUNNING forever)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = process_start(pid)
+    return started is None or now is None or now == started
+
+
+def process_start(pid: int) -> str | None:
+    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``; ``None`` where unavailable)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
+
+
+class Heartbeat:
+    """Records a trial's heartbeat every ``interval`` seconds while training runs outside ``study.optimize`` (which
+    would do it itself), so that an RDB storage fails the trial only when its worker is really gone."""
+
+    def __init__(self, storage: Any, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self.interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Heartbeat:
+        if self.interval:
+            self.storage.record_heartbeat(self.trial_id)
+            self._thread = threading.Thread(target=self._beat, daemon=True)
+            self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.storage.record_heartbeat(self.trial_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
