@@ -40,7 +40,7 @@ from alternas.search.evaluator import (
     warm_recipe,
 )
 from alternas.search.study import StudyConfig, StudyFolder
-from alternas.train.evidence import load_evidence
+from alternas.train.evidence import Evidence, load_evidence
 
 POLL_S = 1.0  # how often an idle worker looks for work while others train what the search needs
 
@@ -168,13 +168,17 @@ def _mean_sd(results: list[CandidateResult]) -> tuple[float | None, float | None
     return statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
 
 
-def correctness(result: CandidateResult, epoch: int | None = None) -> np.ndarray:
-    """A finished (or paused) run's per-example validation correctness after ``epoch`` (default: its last)."""
+def _run_evidence(result: CandidateResult) -> Evidence:
     evidence = load_evidence(result.run_dir)
-    if evidence is None:
+    if evidence is None or evidence.last_epoch is None:
         raise AlternasError(f"candidate {result.key} ({result.placement}, seed {result.seed}) has no readable "
                             f"evidence.npz in {result.run_dir}; delete that folder to train it again")
-    return evidence.at(epoch)[0]
+    return evidence
+
+
+def correctness(result: CandidateResult, epoch: int | None = None) -> np.ndarray:
+    """A finished (or paused) run's per-example validation correctness after ``epoch`` (default: its last)."""
+    return _run_evidence(result).at(epoch)[0]
 
 
 def evaluation_id(key: str, stop_after: int | None = None) -> str:
@@ -220,10 +224,7 @@ class Evaluated:
         """Read a run's evidence from its folder: its last epoch and those of ``epochs`` it reached."""
         if result.status not in ("completed", "paused"):
             return cls(result)
-        evidence = load_evidence(result.run_dir)
-        if evidence is None or evidence.last_epoch is None:
-            raise AlternasError(f"candidate {result.key} ({result.placement}, seed {result.seed}) has no readable "
-                                f"evidence.npz in {result.run_dir}; delete that folder to train it again")
+        evidence = _run_evidence(result)
         wanted = {evidence.last_epoch} | {e for e in epochs if e is not None and e in evidence.epochs}
         return cls(result, {e: evidence.at(e)[0] for e in sorted(wanted)}, evidence.last_epoch)
 
@@ -329,8 +330,8 @@ class _Racer:
              stop_after: int | None = None) -> Evaluated:
         parent_key = parent.result.key if parent else None
         key = self._key(placement, seed, parent_key)
-        found = self.lookup(evaluation_id(key))  # a finished run answers a screening look too
         eid = evaluation_id(key)
+        found = self.lookup(eid)  # a finished run answers a screening look too
         if found is None and stop_after is not None:
             eid = evaluation_id(key, stop_after)
             found = self.lookup(eid)
@@ -672,9 +673,13 @@ class _Worker:
     def run(self, folder: StudyFolder, selection_split: str) -> Replay:
         self.board.fail_dead_workers()
         waiting_for: frozenset[str] | None = None
+        written: dict | None = None
         while True:
             plan, running, done = self.plan(say=True)
-            _write_trajectory(folder, plan.replay, self.config, selection_split, done)
+            trajectory = _trajectory(plan.replay, self.config, selection_split, done)
+            if trajectory != written:  # an idle worker polls every second: write only what changed
+                _publish_trajectory(folder, trajectory)
+                written = trajectory
             if plan.replay.stopped_by is not None:
                 return plan.replay
             for request, weight in plan.requests:
@@ -727,12 +732,10 @@ class _Worker:
                 self.log(f"    {result.status}: {result.error}")
 
 
-def _write_trajectory(folder: StudyFolder, replay: Replay, config: StudyConfig, selection_split: str,
-                      done: dict[str, Evaluated]) -> None:
+def _trajectory(replay: Replay, config: StudyConfig, selection_split: str, done: dict[str, Evaluated]) -> dict:
     """``trajectory.json``: every step with its decision evidence, plus the runs that stand for each placement
     (``keys``: every finished seed, which grows as later comparisons add seeds to an incumbent), and the finished
-    evaluations no decision used (speculative, unused). Several workers write it: under a lock, and never with
-    fewer steps than it has (a worker whose view lags must not take decisions back)."""
+    evaluations no decision used (speculative, unused)."""
     rows = []
     for step in replay.policy.steps:
         runs = replay.used_runs.get(step.placement, [])
@@ -747,10 +750,15 @@ def _write_trajectory(folder: StudyFolder, replay: Replay, config: StudyConfig, 
         rows.append(row)
     used = {e.result.key for e in replay.fetched.values()}
     unused = sorted({e.result.key for e in done.values()} - used)
-    payload = {"best": replay.best, "confidence": config.buildup.confidence, "min_gain": config.buildup.min_gain,
-               "selection_split": selection_split, "seed_pool": list(config.seeds),
-               "seed_budget": list(config.seed_budget), "finished": replay.stopped_by is not None,
-               "speculative_unused": unused, "steps": rows}
+    return {"best": replay.best, "confidence": config.buildup.confidence, "min_gain": config.buildup.min_gain,
+            "selection_split": selection_split, "seed_pool": list(config.seeds),
+            "seed_budget": list(config.seed_budget), "finished": replay.stopped_by is not None,
+            "speculative_unused": unused, "steps": rows}
+
+
+def _publish_trajectory(folder: StudyFolder, trajectory: dict) -> None:
+    """Several workers write ``trajectory.json``: under a lock, and never with fewer steps than it has (a worker
+    whose view lags must not take decisions back)."""
     folder.root.mkdir(parents=True, exist_ok=True)
     with open(folder.root / ".trajectory.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -758,5 +766,5 @@ def _write_trajectory(folder: StudyFolder, replay: Replay, config: StudyConfig, 
             current = folder.read_json("trajectory.json")
         except DAMAGED_RECORD_ERRORS:
             current = None
-        if current is None or len(current.get("steps", [])) <= len(rows):
-            folder.write_json("trajectory.json", payload)
+        if current is None or len(current.get("steps", [])) <= len(trajectory["steps"]):
+            folder.write_json("trajectory.json", trajectory)

@@ -20,7 +20,6 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 import optuna
@@ -176,7 +175,3 @@ class SharedEvaluations:
 
     def fail_dead_workers(self) -> int:
         return fail_dead_workers(self.study, self.log, requeue=False)
-
-    def describe(self) -> dict[str, Any]:
-        states = [t.state.name for t in self._trials()]
-        return {state: states.count(state) for state in sorted(set(states))}
