@@ -112,6 +112,25 @@ def test_builtin_label_lives_in_one_frequency_band(kind: str, carrier: str) -> N
     assert accuracy[other] < 0.2, accuracy  # chance is 0.1
 
 
+def test_a_mirror_turns_a_texture_into_its_mirrored_class() -> None:
+    """Why textures forbids flips: nearest-centroid on translation-invariant band features puts mirrored test
+    images in the class of the mirrored orientation (36° <-> 144°, 72° <-> 108°), and keeps the unmirrored."""
+    images, labels = generate("textures", 1000, seed=1)
+    x = images.float() / 255
+    train, test = slice(0, 600), slice(600, None)
+    features = _band_features(torch.cat([x, x[test].flip(-1)]), 0.5, 9.0)
+    centroids = torch.stack([features[train][labels[train] == k].mean(0) for k in range(10)])
+    mirrored_class = torch.tensor([0, 4, 3, 2, 1, 5, 9, 8, 7, 6])  # TEXTURE_CLASSES: angle index 0, 36, .., 144
+    predicted = torch.cdist(features[1000:], centroids).argmin(1)
+    assert (predicted == mirrored_class[labels[test]]).float().mean() > 0.9
+    moved = mirrored_class[labels[test]] != labels[test]
+    assert (predicted[moved] == labels[test][moved]).float().mean() < 0.1
+    assert load_data(DataConfig("textures", subset=100)).label_breaking == ("hflip", "rotate", "shear")
+    assert load_data(DataConfig("shapes", subset=100)).label_breaking == ()
+    with pytest.raises(DataError, match="data.label_breaking: unknown augmentation 'vflip'"):
+        DataConfig("shapes", label_breaking=["vflip"])
+
+
 def test_subset_and_validation_split_are_balanced_seeded_and_disjoint() -> None:
     a = load_data(DataConfig("shapes", subset=500, val_fraction=0.2, seed=1))
     b = load_data(DataConfig("shapes", subset=500, val_fraction=0.2, seed=1))

@@ -32,6 +32,11 @@ _CIFAR_LAYOUT = {  # folder, train files, test file, label key, meta file, names
 }
 BUILTIN = ("shapes", "textures")
 BUILTIN_SIZES = {"train": 6000, "test": 1000}
+# Geometric augmentations a recipe may apply; a dataset names those that change what its labels mean.
+AUGMENTATIONS = ("hflip", "rotate", "shear")
+# textures: a grating's orientation is its label, and a mirror maps θ to 180° − θ (36° <-> 144°, 72° <-> 108°);
+# RandAugment's rotations (±30°) and shears blur 36° steps.
+LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear")}
 
 
 @dataclass
@@ -64,8 +69,15 @@ class DataConfig:
     val_fraction: float = 0.1
     seed: int = 0
     image_size: int | None = None  # only for imagefolder (resize); fixed for the others
+    label_breaking: tuple[str, ...] | None = None  # augmentations that change labels; None: the dataset's own
 
     def __post_init__(self) -> None:
+        if self.label_breaking is not None:
+            self.label_breaking = tuple(self.label_breaking)
+            unknown = sorted(set(self.label_breaking) - set(AUGMENTATIONS))
+            if unknown:
+                raise DataError(f"data.label_breaking: unknown augmentation {unknown[0]!r}; choose from "
+                                f"{', '.join(AUGMENTATIONS)}")
         subset = self.subset
         if subset is not None and (not subset > 0 or (subset > 1 and subset != int(subset))):
             raise DataError(f"subset must be a fraction in (0, 1] or a whole number of images, got {subset}")
@@ -75,7 +87,17 @@ class DataConfig:
             raise DataError(f"image_size must be >= 8 pixels, got {self.image_size}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.label_breaking is not None:
+            out["label_breaking"] = list(self.label_breaking)
+        return out
+
+    @property
+    def breaks_labels(self) -> tuple[str, ...]:
+        """The augmentations recipes must skip on this dataset: the declared ones, else the dataset's own."""
+        if self.label_breaking is not None:
+            return tuple(sorted(self.label_breaking))
+        return LABEL_BREAKING.get(self.name, ())
 
 
 @dataclass
@@ -91,6 +113,11 @@ class DataSplits:
     std: tuple[float, ...]
     class_names: list[str] = field(default_factory=list)
     selects_on: str = "val"  # "test" when val_fraction is 0: ``val`` is then the test split itself
+    label_breaking: tuple[str, ...] = ()  # augmentations that change labels (see ``AUGMENTATIONS``)
+
+    def allows(self, augmentation: str) -> bool:
+        """Whether ``augmentation`` keeps this dataset's labels (recipes skip the ones that do not)."""
+        return augmentation not in self.label_breaking
 
     @property
     def image_size(self) -> int:
@@ -257,6 +284,8 @@ def load_data(config: DataConfig | str) -> DataSplits:
         train = train.take(keep)
     val_idx, train_idx = _balanced_pick(train.labels, round(cfg.val_fraction * len(train)), gen)
     if len(val_idx) == 0:  # the paper's protocol: train on every training image, select on the test split
-        return DataSplits(name, train, test, test, num_classes, mean, std, names, selects_on="test")
-    return DataSplits(name, train.take(train_idx), train.take(val_idx), test, num_classes, mean, std, names)
+        return DataSplits(name, train, test, test, num_classes, mean, std, names, selects_on="test",
+                          label_breaking=cfg.breaks_labels)
+    return DataSplits(name, train.take(train_idx), train.take(val_idx), test, num_classes, mean, std, names,
+                      label_breaking=cfg.breaks_labels)
 

@@ -103,8 +103,11 @@ def _read_result(path: Path) -> CandidateResult | None:
 def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, seed: int,
                   parent: str | None = None) -> str:
     """Content hash of everything that determines a candidate's training outcome."""
-    data = asdict(config.data)
+    data = config.data.to_dict()
     data.pop("root", None)  # where the files live does not change the result
+    data.pop("label_breaking")  # only when it changes what trains (keeps the keys of studies from before it)
+    if config.data.breaks_labels:
+        data["label_breaking"] = list(config.data.breaks_labels)
     payload = {"placement": str(placement), "base": base_architecture(config.base),
                "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
                "parent": parent}
@@ -239,7 +242,7 @@ class Evaluator:
             params, flops = count_parameters(model), count_flops(model)
             init = self._inherited_weights(model, parent) if parent else None
             run = fit(model, data, recipe, run_dir, seed=seed, device=cfg.device, resume=True, quiet=self.quiet,
-                      run_config=run_config(model, asdict(cfg.data)), epoch_callback=epoch_callback,
+                      run_config=run_config(model, cfg.data.to_dict()), epoch_callback=epoch_callback,
                       init_weights=init, stop_after=stop_after)
             result = CandidateResult(
                 **base, status=run.status, val_acc=run.val.get("acc"), val_nll=run.val.get("nll"),

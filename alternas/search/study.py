@@ -136,6 +136,7 @@ class StudyConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["recipe"] = self.recipe.to_dict()
+        out["data"] = self.data.to_dict()
         out["seeds"] = list(self.seeds)
         out["optuna"]["objectives"] = list(self.optuna.objectives)
         return out

@@ -122,7 +122,8 @@ def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, s
     else:
         batches = TensorLoader(data.train, recipe.batch_size, mean=data.mean, std=data.std, device=device,
                                shuffle=True, crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0,
-                               flip=recipe.flip, drop_last=True, seed=seed, rank=rank, world=world)
+                               flip=recipe.flip and data.allows("hflip"), drop_last=True, seed=seed, rank=rank,
+                               world=world)
     if len(batches) == 0:
         per_rank = f" per process ({world} processes)" if world > 1 else ""
         raise ConfigError(f"the training set has {len(data.train) // world} images{per_rank}, fewer than "
@@ -130,8 +131,23 @@ def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, s
     return batches
 
 
+_RANDAUGMENT_OPS = {"rotate": ("Rotate",), "shear": ("ShearX", "ShearY")}
+
+
+def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any:
+    """timm's RandAugment with the ops ``data`` forbids taken out of its op list (and of its weights, if any)."""
+    banned = {op for aug, ops in _RANDAUGMENT_OPS.items() if not data.allows(aug) for op in ops}
+    keep = [i for i, op in enumerate(randaugment.ops) if op.name not in banned]
+    if randaugment.choice_weights is not None:
+        weights = [randaugment.choice_weights[i] for i in keep]
+        randaugment.choice_weights = [w / sum(weights) for w in weights]
+    randaugment.ops = [randaugment.ops[i] for i in keep]
+    return randaugment
+
+
 def build_train_transform(recipe: Recipe, data: DataSplits):
-    """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing."""
+    """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing;
+    without the flips, rotations and shears that change ``data``'s labels (``DataSplits.label_breaking``)."""
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
@@ -142,12 +158,12 @@ def build_train_transform(recipe: Recipe, data: DataSplits):
         steps.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC))
     elif recipe.crop_padding:
         steps.append(T.RandomCrop(size, padding=recipe.crop_padding))
-    if recipe.flip:
+    if recipe.flip and data.allows("hflip"):
         steps.append(T.RandomHorizontalFlip(0.5))
     if recipe.randaugment:
         # no "interpolation" key: timm then picks bilinear or bicubic at random per op, as the reference did
         hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in data.mean)}
-        steps.append(rand_augment_transform(recipe.randaugment, hparams))
+        steps.append(_without_label_breaking_ops(rand_augment_transform(recipe.randaugment, hparams), data))
     steps += [T.ToTensor(), T.Normalize(data.mean, data.std)]
     if recipe.random_erasing > 0:
         steps.append(RandomErasing(recipe.random_erasing, mode="const", max_count=1, device="cpu"))
