@@ -10,7 +10,13 @@ from alternas.data import DataConfig, load_data
 from alternas.diagnostics import DiagnosticsConfig, diagnose, fourier_profile, hessian_eigenvalues, hutchinson_trace
 from alternas.diagnostics.hessian import HessianOperator, hessian_spectrum, lanczos, twice_differentiable
 from alternas.diagnostics.landscape import loss_landscape
-from alternas.diagnostics.robustness import band_limited_noise, band_mask, lesion_study
+from alternas.diagnostics.robustness import (
+    band_limited_noise,
+    band_mask,
+    lesion_study,
+    measured_band_mask,
+    noise_robustness,
+)
 from alternas.models import Base, BlockInfo, build_model, register_base
 from alternas.models.blocks import WindowAttention, attention_path
 from alternas.train import get_recipe
@@ -142,6 +148,26 @@ def test_fourier_profile_is_the_papers_recipe_on_an_alternet() -> None:
     assert records[0].variance == pytest.approx(z.var(dim=(-2, -1)).mean().item(), rel=1e-5)
 
 
+def test_fourier_scores_compare_units_at_one_measured_frequency() -> None:
+    """A 32×32 map's last half-diagonal point is 0.94π, a 4×4 map's 0.5π: the common score reads every unit at the
+    highest frequency the coarsest map resolves; the paper's protocol reads each at its own last point."""
+    model = build_model("CC,CM,CM,CM", "tiny", num_classes=10, image_size=32).eval()
+    x = torch.randn(4, 3, 32, 32)
+    records = fourier_profile(model, x)
+    sizes = [r.size for r in records]
+    assert sizes[0] == 32 and sizes[-1] == 4
+    for r in records:
+        assert r.frequencies == pytest.approx([2 * k / r.size for k in range(r.size // 2)])
+        assert r.high_frequency == pytest.approx(0.5)
+        k = r.size // 4  # the point (k, k) of a size×size map is 2k/size = 0.5π
+        assert r.delta_high == pytest.approx(r.delta_log_amplitude[k], abs=1e-6)
+        assert r.delta_paper == r.delta_log_amplitude[-1]
+    assert records[0].frequencies[-1] == pytest.approx(30 / 32) and records[-1].frequencies == [0.0, 0.5]
+    paper = fourier_profile(model, x, score="paper")
+    assert [r.delta_high for r in paper] == [r.delta_paper for r in records]
+    assert [r.high_frequency for r in paper] == [r.frequencies[-1] for r in records]
+
+
 def test_band_limited_noise_stays_in_its_band() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.zeros(4, 3, 32, 32)
@@ -155,6 +181,40 @@ def test_band_limited_noise_stays_in_its_band() -> None:
     in_band = (radius >= 6) & (radius <= 9)
     assert spectrum[..., ~in_band].sum() / spectrum.sum() < 1e-10
     assert noisy.abs().max() > 0.01
+
+
+def test_measured_noise_bands_hold_no_mean_and_equal_energy_at_32px() -> None:
+    """The reference's 0.1π band at 32 px is the 4×4 square round the zero frequency (the image mean) and its bin
+    count rises with frequency; the measured bands leave the mean out and get the same energy each."""
+    assert band_mask(32, 0.1 * math.pi, 0.05 * math.pi)[16, 16] == 1  # the reference's lowest band holds DC
+    x = torch.zeros(8, 3, 32, 32)
+    target = 0.7 * math.sqrt(4 * 0.5 * 0.05)
+    energies, bins = [], []
+    for f in (0.1, 0.3, 0.5, 0.7, 0.9):
+        gen = torch.Generator().manual_seed(0)
+        noise = band_limited_noise(x, f * math.pi, 0.05 * math.pi, 0.7, gen, band="measured", rms=target)
+        assert noise.mean(dim=(-2, -1)).abs().max() < 1e-6  # no zero-frequency term
+        energies.append(noise.pow(2).mean().sqrt().item())
+        mask = measured_band_mask(32, f * math.pi, 0.05 * math.pi)
+        freqs = torch.fft.fftfreq(32).abs() * 2
+        linf = torch.maximum(freqs.view(-1, 1), freqs.view(1, -1))[mask.bool()]
+        assert linf.min() >= f - 0.05 - 1e-6 and linf.max() < f + 0.05  # only bins in the band
+        bins.append(int(mask.sum()))
+        spectrum = torch.fft.fft2(noise).abs().pow(2)
+        assert spectrum[..., ~mask.bool()].sum() / spectrum.sum() < 1e-10
+    assert energies == pytest.approx([target] * 5, rel=1e-5)
+    assert max(bins) > 4 * min(bins)  # why the energy needs equalising: 24 bins at 0.1π, 232 at 0.9π
+    data = load_data(DataConfig("shapes", subset=200))
+    model = model_for("CC,CC,CC,CC", "tiny", data, get_recipe("fast"))
+    from alternas.data.loader import TensorLoader
+
+    loader = TensorLoader(data.val, 64, mean=data.mean, std=data.std)
+    result = noise_robustness(model, loader, frequencies=(0.1, 0.5, 0.9))
+    assert result["band"] == "measured" and result["energy"] == "equal" and result["image_size"] == 32
+    assert result["bins"] == [bins[0], bins[2], bins[4]] and result["rms"] == pytest.approx([target] * 3, rel=1e-4)
+    coarse = noise_robustness(model, TensorLoader(data.val.take(torch.arange(8)), 8, mean=data.mean, std=data.std),
+                              frequencies=(0.1,), half_width=0.01)
+    assert coarse["bins"] == [0] and math.isnan(coarse["delta_acc"][0])  # no bin at 0.09-0.11π on 32 px
 
 
 def test_lesion_skips_subsampling_blocks_and_measures_drops() -> None:

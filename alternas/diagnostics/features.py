@@ -2,13 +2,20 @@
 
 Both read the output of every tagged unit (stem + blocks; the logits are excluded) through forward hooks, so the
 whole profile costs one forward pass plus an FFT per unit.
+
+Frequencies are the ones measured: the half-diagonal point (k, k) of an H×H map is 2k/H (×π) along each axis, so the
+last point is 0.94π on a 32×32 map but 0.5π on a 4×4 one. The paper labels every unit's last point "1.0π"; here the
+high-frequency score of a unit (``delta_high``) is read at one frequency every compared unit resolves (``common``,
+the default), or, on the paper's protocol (``paper``), at each unit's own last point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
+import numpy as np
 import torch
 
 from alternas.models.alternet import BlockInfo
@@ -24,9 +31,12 @@ class UnitRecord:
     index: int
     subsamples: bool
     depth: float  # i / (L - 1)
-    frequencies: list[float]  # normalised 0 .. 1 (×π), the x-axis of the paper's Fourier plot
+    size: int  # the feature map is size × size
+    frequencies: list[float]  # measured, ×π along each axis: 2k/size for the half-diagonal points (k, k)
     delta_log_amplitude: list[float]  # relative log amplitude along the half diagonal, 0 at zero frequency
-    delta_high: float  # its value at the highest frequency ("1.0π")
+    delta_high: float  # Δ log amplitude at ``high_frequency``
+    high_frequency: float  # where delta_high is read (×π): the common frequency, or this unit's last point (paper)
+    delta_paper: float  # Δ at this unit's last point, the paper's "1.0π" (PAPER.md §6.1)
     variance: float  # mean over samples and channels of the unbiased spatial variance
 
     def to_dict(self) -> dict:
@@ -76,29 +86,47 @@ def relative_log_amplitude(latent: torch.Tensor) -> torch.Tensor:
     return diag - diag[0]
 
 
-def feature_profile(model: torch.nn.Module, inputs: torch.Tensor) -> list[UnitRecord]:
-    """Fourier and variance records for every unit of ``model`` (which must provide ``units()``)."""
+def measured_frequencies(size: int) -> list[float]:
+    """The half-diagonal frequencies (×π, per axis) ``relative_log_amplitude`` reads on a size × size map."""
+    return [2 * k / size for k in range(size - size // 2)]
+
+
+FourierScore = Literal["common", "paper"]
+
+
+def feature_profile(model: torch.nn.Module, inputs: torch.Tensor, score: FourierScore = "common"
+                    ) -> list[UnitRecord]:
+    """Fourier and variance records for every unit of ``model`` (which must provide ``units()``).
+
+    ``score="common"`` reads every unit's ``delta_high`` at the highest frequency the coarsest unit resolves
+    (linear interpolation on finer maps), so scores compare across stages; ``"paper"`` at each unit's last point.
+    """
     latents = collect_latents(model.units(), model, inputs)
     last = max(len(latents) - 1, 1)
+    curves = [(z.shape[-1], relative_log_amplitude(z).tolist()) for _, z in latents]
+    common = min(measured_frequencies(size)[-1] for size, _ in curves) if curves else 0.0
     records = []
-    for i, (info, z) in enumerate(latents):
-        delta = relative_log_amplitude(z)
-        freqs = torch.linspace(0, 1, len(delta)).tolist()
+    for i, ((info, z), (size, delta)) in enumerate(zip(latents, curves)):
+        freqs = measured_frequencies(size)
+        at = freqs[-1] if score == "paper" else common
         records.append(UnitRecord(
             name=info.name, kind=info.kind, stage=info.stage, index=info.index, subsamples=info.subsamples,
-            depth=i / last, frequencies=freqs, delta_log_amplitude=delta.tolist(), delta_high=float(delta[-1]),
+            depth=i / last, size=size, frequencies=freqs, delta_log_amplitude=delta,
+            delta_high=float(np.interp(at, freqs, delta)), high_frequency=at, delta_paper=delta[-1],
             variance=float(z.var(dim=(-2, -1)).mean()),
         ))
     return records
 
 
-def fourier_profile(model: torch.nn.Module, inputs: torch.Tensor) -> list[UnitRecord]:
+def fourier_profile(model: torch.nn.Module, inputs: torch.Tensor, score: FourierScore = "common"
+                    ) -> list[UnitRecord]:
     """PAPER.md §6.1 per unit: the Δ log-amplitude curve and ``delta_high`` vs normalised depth, with tags."""
-    return feature_profile(model, inputs)
+    return feature_profile(model, inputs, score)
 
 
 def stage_end_delta_high(records: list[UnitRecord]) -> dict[str, float]:
-    """``delta_high`` of the last block of each stage, keyed ``c1``..``cN`` (a compact per-candidate score)."""
+    """``delta_high`` of the last block of each stage, keyed ``c1``..``cN`` (a compact per-candidate score; a unit's
+    ``high_frequency`` says where it was read)."""
     out: dict[str, float] = {}
     for r in records:
         if r.stage >= 0:

@@ -25,22 +25,30 @@ def _shade_units(fig: go.Figure, units: Sequence[dict], row: int | None = None, 
             fig.add_vrect(x0=(i - 1) / last, x1=i / last, fillcolor=colour, line_width=0, layer="below", **kwargs)
 
 
+def high_frequency_label(units: Sequence[dict]) -> str:
+    """Where the units' ``delta_high`` was read: one common frequency, or each unit's own last point (paper)."""
+    at = {round(u["high_frequency"], 4) for u in units if u.get("high_frequency") is not None}
+    if len(at) == 1:
+        return f"{at.pop():.2f}π"
+    return "each map's highest frequency (paper's '1.0π')"
+
+
 def fourier_figure(profiles: dict[str, list[dict]]) -> go.Figure:
-    """Δ log amplitude at the highest frequency vs normalised depth, one line per model; plus the full curves of
-    the first model coloured by depth."""
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("Δ log amplitude at 1.0π vs depth",
-                                                        "Δ log amplitude vs frequency"))
+    """Δ log amplitude at the high frequency vs normalised depth, one line per model; plus the full curves of
+    the first model, at the frequencies measured on each map, coloured by depth."""
+    first = next(iter(profiles.values()), [])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(f"Δ log amplitude at {high_frequency_label(first)} vs depth",
+                                                        "Δ log amplitude vs measured frequency"))
     for name, units in profiles.items():
         fig.add_trace(go.Scatter(x=[u["depth"] for u in units], y=[u["delta_high"] for u in units],
                                  mode="lines+markers", name=name, text=[u["name"] for u in units]), row=1, col=1)
-    first = next(iter(profiles.values()), [])
     _shade_units(fig, first, row=1, col=1)
     colours = sample_colorscale("Plasma", [u["depth"] * 0.9 for u in first]) if first else []
     for u, colour in zip(first, colours):
         fig.add_trace(go.Scatter(x=u["frequencies"], y=u["delta_log_amplitude"], mode="lines", line={"color": colour},
                                  name=u["name"], showlegend=False), row=1, col=2)
     fig.update_xaxes(title_text="normalised depth", row=1, col=1)
-    fig.update_xaxes(title_text="frequency (×π)", row=1, col=2)
+    fig.update_xaxes(title_text="frequency (×π, per axis, on each map's own grid)", row=1, col=2)
     fig.update_yaxes(title_text="Δ log amplitude", row=1, col=1)
     fig.update_layout(title="Fourier analysis of feature maps (grey: MSA, blue: subsampling)", height=420)
     return fig
@@ -70,11 +78,22 @@ def hessian_figure(spectra: dict[str, list[float]]) -> go.Figure:
 
 
 def noise_figure(results: dict[str, dict]) -> go.Figure:
-    fig = go.Figure()
+    """Δaccuracy per noise band; the bars (right axis) are each band's FFT bin count, which sets its energy unless
+    the energy is equalised (said in the title)."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
     for name, r in results.items():
-        fig.add_trace(go.Scatter(x=r["frequencies"], y=r["delta_acc"], mode="lines+markers", name=name))
-    fig.update_layout(title="Robustness to band-limited noise", xaxis_title="noise frequency (×π)",
-                      yaxis_title="Δ accuracy (pp)", height=380)
+        fig.add_trace(go.Scatter(x=r["frequencies"], y=r["delta_acc"], mode="lines+markers", name=name),
+                      secondary_y=False)
+    first = next(iter(results.values()), {})
+    if first.get("bins"):
+        fig.add_trace(go.Bar(x=first["frequencies"], y=first["bins"], name="FFT bins in band", opacity=0.25,
+                             marker_color="grey", width=0.05), secondary_y=True)
+    energy = ("equal energy per band" if first.get("energy") == "equal" else
+              "energy ∝ bins in band (paper)" if first.get("energy") else "")
+    fig.update_layout(title=f"Robustness to band-limited noise ({energy})" if energy else
+                      "Robustness to band-limited noise", xaxis_title="noise frequency (×π)", height=380)
+    fig.update_yaxes(title_text="Δ accuracy (pp)", secondary_y=False)
+    fig.update_yaxes(title_text="FFT bins in band", secondary_y=True, showgrid=False)
     return fig
 
 

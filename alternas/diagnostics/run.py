@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -42,8 +43,11 @@ class DiagnosticsConfig:
     augment: bool = True  # Hessian loss on the recipe's augmented training batches (paper: yes)
     l2: bool = True  # add (wd/2)·‖θ‖² to the Hessian loss (paper: yes)
     fourier_images: int = 64
+    fourier_score: Literal["common", "paper"] = "common"  # delta_high at a frequency all units resolve | paper's
     noise_eps: float = 0.7
     noise_half_width: float = 0.05
+    noise_band: Literal["measured", "paper"] = "measured"  # the bins really in each band | the reference's mask
+    noise_energy: Literal["equal", "paper"] = "equal"  # the same noise energy in every band | what the bins keep
     noise_images: int = 500
     lesion_images: int = 500
     landscape_grid: int = 7
@@ -109,9 +113,11 @@ def diagnose(
         t0 = time.perf_counter()
         images = val_images.take(torch.arange(min(config.fourier_images, len(val_images))))
         x, _ = next(iter(TensorLoader(images, len(images), mean=data.mean, std=data.std, device=device)))
-        records = feature_profile(model, x)
+        records = feature_profile(model, x, config.fourier_score)
         out["units"] = [r.to_dict() for r in records]
         out["delta_high"] = stage_end_delta_high(records)
+        out["fourier"] = {"score": config.fourier_score, "images": len(images), "high_frequency": (
+            records[0].high_frequency if config.fourier_score == "common" and records else None)}
         out["timings"]["fourier"] = time.perf_counter() - t0
     if config.hessian:
         t0 = time.perf_counter()
@@ -130,7 +136,8 @@ def diagnose(
     if config.noise:
         t0 = time.perf_counter()
         out["noise"] = noise_robustness(model, eval_loader, eps=config.noise_eps,
-                                        half_width=config.noise_half_width, seed=config.seed)
+                                        half_width=config.noise_half_width, seed=config.seed,
+                                        band=config.noise_band, energy=config.noise_energy)
         out["timings"]["noise"] = time.perf_counter() - t0
     if config.lesion:
         out["lesion"] = lesion_study(model, eval_loader)
@@ -179,6 +186,13 @@ def diagnostic_figures(results: dict[str, dict]) -> list:
     return figs
 
 
+def _fourier_note(results: dict[str, dict]) -> str:
+    units = next((v["units"] for v in results.values() if v.get("units")), None)
+    if not units:
+        return ""
+    return f"<p>High-frequency score read at {html.escape(figures.high_frequency_label(units))}.</p>"
+
+
 def write_figures(path: Path, results: dict[str, dict], title: str) -> Path:
     rows = "".join(
         f"<tr><td>{k}</td><td>{v.get('lambda_max', float('nan')):.4g}</td><td>{v.get('nep', float('nan')):.3f}</td>"
@@ -187,5 +201,6 @@ def write_figures(path: Path, results: dict[str, dict], title: str) -> Path:
         for k, v in results.items()
     )
     table = ("<h2>Summary</h2><table><tr><th>model</th><th>λ_max (median)</th><th>NEP</th><th>APE</th>"
-             f"<th>Δ log amplitude at 1.0π, stage ends</th></tr>{rows}</table>")
+             "<th>Δ log amplitude at the high frequency, stage ends</th></tr>"
+             f"{rows}</table>{_fourier_note(results)}")
     return figures.write_html(path, title, diagnostic_figures(results), tables_html=table)
