@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -234,6 +235,9 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
 @click.option("--data-root", default=None)
 @click.option("--subset", type=float, default=None)
 @click.option("--recipe", "recipe_name", default=None, help="Recipe whose augmentation and wd the Hessian uses.")
+@click.option("--preset", type=click.Choice(["default", "paper"]), default=None,
+              help="Diagnostics settings: paper = the paper's protocol (top-5 Hessian eigenvalues per training batch "
+                   "over an epoch, noise, lesion, CKA); the flags below then pick among them.")
 @click.option("--hessian", is_flag=True, help="Hessian max-eigenvalue spectrum (λ_max, NEP, APE).")
 @click.option("--fourier", is_flag=True, help="Δ log amplitude of every block's output vs depth.")
 @click.option("--variance", is_flag=True, help="Feature-map variance vs depth (same pass as --fourier).")
@@ -241,6 +245,7 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
 @click.option("--lesion", is_flag=True, help="Accuracy drop when each block is removed.")
 @click.option("--landscape", is_flag=True, help="2-D loss landscape (costly: grid² × batches forwards).")
 @click.option("--trace", is_flag=True, help="Hutchinson estimate of the Hessian trace.")
+@click.option("--cka", is_flag=True, help="Linear CKA between every pair of blocks' outputs.")
 @click.option("--hessian-batches", type=click.IntRange(min=1), default=None)
 @click.option("--hessian-k", type=click.IntRange(min=1), default=None)
 @click.option("--no-augment", is_flag=True, help="Hessian loss on clean batches instead of augmented ones.")
@@ -251,15 +256,16 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def diagnose(run_dir: str | None, placement: str | None, base: str | None, window_size: int | None,
              checkpoint: str | None, data_name: str | None, data_root: str | None, subset: float | None,
-             recipe_name: str | None, hessian: bool, fourier: bool, variance: bool, noise: bool, lesion: bool,
-             landscape: bool, trace: bool, hessian_batches: int | None, hessian_k: int | None, no_augment: bool,
+             recipe_name: str | None, preset: str | None, hessian: bool, fourier: bool, variance: bool, noise: bool,
+             lesion: bool, landscape: bool, trace: bool, cka: bool, hessian_batches: int | None,
+             hessian_k: int | None, no_augment: bool,
              no_l2: bool, device: str | None, out_dir: str | None, as_json: bool) -> None:
     """Diagnose a trained model: a run folder (RUN_DIR) or --placement/--base/--checkpoint."""
     import yaml
 
     from alternas.data import DataConfig, load_data
-    from alternas.diagnostics import DiagnosticsConfig
     from alternas.diagnostics import diagnose as run_diagnostics
+    from alternas.diagnostics.run import DIAGNOSTICS_PRESETS
     from alternas.errors import ConfigError
     from alternas.models.timm_hub import load_weights
     from alternas.train import get_recipe, pick_device
@@ -287,7 +293,8 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
     data_cfg = DataConfig(**saved["data_config"]) if "data_config" in saved else DataConfig("shapes")
     data_cfg = DataConfig(data_name or data_cfg.name, root=data_root or data_cfg.root,
                           subset=subset if subset is not None else data_cfg.subset,
-                          val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, image_size=data_cfg.image_size)
+                          val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, image_size=data_cfg.image_size,
+                          label_breaking=data_cfg.label_breaking)
     data = load_data(data_cfg)
     model = model_for(placement or model_args.get("placement"), base or model_args.get("base", "resnet50"), data,
                       recipe, window_size or model_args.get("window_size"))
@@ -295,11 +302,13 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
         load_weights(model, checkpoint)
     model = model.to(pick_device(device))
     chosen = {"hessian": hessian, "fourier": fourier or variance, "noise": noise, "lesion": lesion,
-              "landscape": landscape, "trace": trace}
+              "landscape": landscape, "trace": trace, "cka": cka}
+    base_config = DIAGNOSTICS_PRESETS[preset or "default"]
     if not any(chosen.values()):
-        chosen.update(hessian=True, fourier=True)
+        chosen = {k: getattr(base_config, k) for k in chosen} if preset else {**chosen, "hessian": True,
+                                                                              "fourier": True}
     extra = {k: v for k, v in {"hessian_batches": hessian_batches, "hessian_k": hessian_k}.items() if v}
-    config = DiagnosticsConfig(**chosen, **extra, augment=not no_augment, l2=not no_l2)
+    config = replace(base_config, **chosen, **extra, augment=not no_augment, l2=not no_l2, at_epochs=())
     target = out_dir or (str(Path(run_dir) / "diagnostics") if run_dir else "diagnostics")
     result = run_diagnostics(model, data, recipe, config, out_dir=target, label=str(model.placement))
     summary = {k: result[k] for k in ("lambda_max", "nep", "ape", "delta_high", "hessian_trace") if k in result}

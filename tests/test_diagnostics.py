@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -290,3 +291,116 @@ def test_lanczos_stops_on_its_error_bound_and_keeps_to_the_budget() -> None:
     calls.clear()
     values, done = lanczos(matvec, start, k=5, which="LA", tol=1e-12, max_matvecs=6)
     assert not done and len(calls) == 6 and len(values) < 5
+
+
+def test_paper_preset_is_the_papers_hessian_protocol_with_counts(tmp_path) -> None:
+    """Top-5 by magnitude per augmented training batch of the recipe's size, over the whole training set; every
+    statistic says how many values it rests on; a density is drawn only from enough values."""
+    from alternas.diagnostics.figures import MIN_DENSITY_VALUES, hessian_figure
+    from alternas.diagnostics.run import get_diagnostics
+
+    paper = get_diagnostics("paper")
+    assert (paper.hessian_k, paper.hessian_batches, paper.hessian_batch_size) == (5, None, None)
+    assert paper.at_epochs == ("warmup",) and paper.fourier_score == "paper" and paper.cka and paper.lesion
+    data = load_data(DataConfig("shapes", subset=150, val_fraction=0.2, seed=0))  # 120 training images
+    recipe = get_recipe("fast", {"batch_size": 40, "mixup": 0.8})
+    model = model_for("CC,CC,CC,CM", "tiny", data, recipe)
+    config = get_diagnostics({"preset": "paper", "fourier": False, "noise": False, "lesion": False, "cka": False,
+                              "hessian_max_matvecs": 120})
+    out = diagnose(model, data, recipe, config)
+    spectrum = out["hessian"]
+    assert spectrum["batches"] == 3 and spectrum["k"] == 5  # 120 images / 40 per batch
+    counts = spectrum["counts"]
+    assert counts["nep"] == len(spectrum["eigenvalues"]) == 5 * (3 - spectrum["unconverged"])
+    assert counts["lambda_max"] == 3 - spectrum["unconverged"] and counts["ape"] <= counts["nep"]
+    assert out["settings"]["mixup_in_loss"] is True
+    few = hessian_figure({"start": [3.0, 4.0, -1.0]})
+    assert {t.mode for t in few.data} == {"markers"} and "n=2" in few.data[1].name
+    many = hessian_figure({"start": [float(v) for v in range(1, MIN_DENSITY_VALUES + 1)]})
+    assert [t.mode for t in many.data] == ["lines"]
+
+
+def test_diagnostics_presets_in_a_study_file_round_trip() -> None:
+    from alternas.search import study_from_dict
+    from alternas.search.study import StudyConfig
+
+    config = study_from_dict({"name": "p", "diagnostics": "paper"})
+    assert config.diagnostics.hessian_k == 5 and study_from_dict(config.to_dict()) == config
+    mixed = study_from_dict({"name": "p", "diagnostics": {"preset": "paper", "hessian_k": 2, "at_epochs": [3]}})
+    assert mixed.diagnostics.hessian_k == 2 and mixed.diagnostics.at_epochs == (3,) and mixed.diagnostics.cka
+    assert study_from_dict({"name": "p"}).diagnostics == StudyConfig().diagnostics
+    from alternas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown diagnostics preset 'papr'"):
+        study_from_dict({"name": "p", "diagnostics": "papr"})
+    with pytest.raises(ConfigError, match="at_epochs must list epochs >= 1 or 'warmup'"):
+        study_from_dict({"name": "p", "diagnostics": {"at_epochs": [0]}})
+
+
+def test_diagnostics_at_chosen_epochs_leave_training_unchanged(tmp_path) -> None:
+    """The paper's spectra are at the end of warmup: at_epochs diagnoses then, into diagnostics/epoch-NNN/, and puts
+    training's random state back (Mixup in the Hessian loss draws from it), so the run ends the same."""
+    from alternas.search import Evaluator, study_from_dict
+    from alternas.search.evaluator import epoch_diagnostics_dir
+
+    def study(name: str, **diagnostics) -> dict:
+        return {"name": name, "base": "tiny", "seeds": [0], "output": str(tmp_path / name),
+                "data": {"name": "shapes", "subset": 200, "val_fraction": 0.2},
+                "recipe": {"name": "fast", "epochs": 1, "warmup_epochs": 1, "batch_size": 32, "mixup": 0.8},
+                "diagnostics": {"hessian_batches": 1, "hessian_batch_size": 16, "fourier_images": 16, **diagnostics}}
+
+    plain = Evaluator(study_from_dict(study("plain")), quiet=True).evaluate("CC,CC,CC,CM", seed=0)
+    evaluator = Evaluator(study_from_dict(study("warm", at_epochs=["warmup"], cka=True, cka_batches=2,
+                                                cka_batch_size=16)), quiet=True)
+    at = evaluator.evaluate("CC,CC,CC,CM", seed=0)
+    assert at.val_acc == plain.val_acc and at.val_nll == plain.val_nll
+    saved = json.loads((epoch_diagnostics_dir(at.run_dir, 1) / "diagnostics.json").read_text())
+    final = json.loads((Path(at.run_dir) / "diagnostics" / "diagnostics.json").read_text())
+    assert math.isfinite(saved["lambda_max"]) and saved["lambda_max"] != final["lambda_max"]
+    assert not epoch_diagnostics_dir(at.run_dir, 2).exists()
+    assert len(final["cka"]["matrix"]) == len(final["units"]) and final["cka"]["examples"] == 32
+    assert "Representation similarity" in (Path(at.run_dir) / "diagnostics" / "diagnostics.html").read_text()
+
+
+class _SimilarityUnits(nn.Module):
+    """stem -> an orthogonal channel mix scaled by 3 (same representation) -> fresh noise (an unrelated one)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Identity()
+        self.mix = nn.Conv2d(4, 4, 1, bias=False)
+        with torch.no_grad():
+            q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0)))
+            self.mix.weight.copy_(3 * q.view(4, 4, 1, 1))
+        self.noise = _Noise()
+        self.infos = [BlockInfo(n, s, i, k, False, 4, 4, 8) for i, (n, s, k) in
+                      enumerate([("stem", -1, "stem"), ("mix", 0, "conv"), ("noise", 1, "msa")])]
+
+    def units(self):
+        return zip(self.infos, [self.stem, self.mix, self.noise])
+
+    def forward(self, x):
+        return self.noise(self.mix(self.stem(x)))
+
+
+class _Noise(nn.Module):
+    def forward(self, x):
+        return torch.randn(x.shape, generator=torch.Generator().manual_seed(int(x.abs().sum() * 1e3) % 2**31))
+
+
+def test_minibatch_cka_is_invariant_to_rotation_and_scale_and_near_zero_for_unrelated() -> None:
+    from alternas.diagnostics.similarity import minibatch_cka, unbiased_hsic
+
+    gen = torch.Generator().manual_seed(1)
+    cka = minibatch_cka(_SimilarityUnits(), [torch.randn(32, 4, 8, 8, generator=gen) for _ in range(4)])
+    m = torch.tensor(cka["matrix"])
+    assert cka["names"] == ["stem", "mix", "noise"] and (cka["batches"], cka["examples"]) == (4, 128)
+    assert m[0, 1] == pytest.approx(1.0, abs=1e-6) and torch.allclose(m, m.T)
+    assert m.diagonal().tolist() == pytest.approx([1.0] * 3)
+    assert abs(m[0, 2]) < 0.05  # the unbiased estimator is centred on 0 for independent representations
+    x = torch.randn(10, 6, generator=gen)
+    grams = torch.stack([x @ x.T, (2 * x) @ (2 * x).T])
+    hsic = unbiased_hsic(grams)
+    assert hsic[1, 1] == pytest.approx(16 * hsic[0, 0].item()) and hsic[0, 1] == pytest.approx(4 * hsic[0, 0].item())
+    with pytest.raises(ValueError, match="at least 4 examples"):
+        unbiased_hsic(grams[:, :3, :3])

@@ -6,6 +6,7 @@ import html
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import sample_colorscale
 from plotly.subplots import make_subplots
@@ -65,15 +66,39 @@ def variance_figure(profiles: dict[str, list[dict]]) -> go.Figure:
     return fig
 
 
+MIN_DENSITY_VALUES = 20  # fewer values than this are drawn as points: a density of a handful is invented
+
+
+def _spectrum_trace(values: list[float], name: str, colour: str) -> go.Scatter:
+    """A Gaussian-kernel density of ``values`` (Scott's bandwidth), or the values themselves as points."""
+    label = f"{name} (n={len(values)})"
+    if len(values) >= MIN_DENSITY_VALUES and np.ptp(values) > 0:
+        from scipy.stats import gaussian_kde
+
+        pad = 0.1 * np.ptp(values)
+        grid = np.linspace(min(values) - pad, max(values) + pad, 200)
+        return go.Scatter(x=grid, y=gaussian_kde(values)(grid), mode="lines", name=label, line={"color": colour},
+                          legendgroup=name)
+    return go.Scatter(x=values, y=[0.0] * len(values), mode="markers", name=f"{label}, points",
+                      marker={"color": colour, "symbol": "line-ns-open", "size": 16}, legendgroup=name)
+
+
 def hessian_figure(spectra: dict[str, list[float]]) -> go.Figure:
-    """Histograms of the batch-wise top eigenvalues, negative and positive parts in separate panels."""
+    """The batch-wise top eigenvalues, negative and positive parts in separate panels (as the paper draws them):
+    a density where there are at least ``MIN_DENSITY_VALUES`` values, else the values as points."""
     fig = make_subplots(rows=1, cols=2, subplot_titles=("negative eigenvalues", "positive eigenvalues"),
                         column_widths=[0.35, 0.65])
-    for name, values in spectra.items():
-        fig.add_trace(go.Histogram(x=[v for v in values if v < 0], name=f"{name} (λ<0)", opacity=0.6), row=1, col=1)
-        fig.add_trace(go.Histogram(x=[v for v in values if v >= 0], name=name, opacity=0.6), row=1, col=2)
-    fig.update_layout(title="Hessian max-eigenvalue spectrum", barmode="overlay", height=380)
+    colours = sample_colorscale("Turbo", [i / max(len(spectra) - 1, 1) for i in range(len(spectra))])
+    for (name, values), colour in zip(spectra.items(), colours):
+        negative, positive = [v for v in values if v < 0], [v for v in values if v >= 0]
+        if negative:
+            fig.add_trace(_spectrum_trace(negative, f"{name} λ<0", colour), row=1, col=1)
+        if positive:
+            fig.add_trace(_spectrum_trace(positive, name, colour), row=1, col=2)
+    fig.update_layout(title=f"Hessian max-eigenvalue spectrum (densities from ≥{MIN_DENSITY_VALUES} values, "
+                      "else points)", height=380)
     fig.update_xaxes(title_text="eigenvalue")
+    fig.update_yaxes(title_text="density", row=1, col=1)
     return fig
 
 
@@ -102,6 +127,22 @@ def lesion_figure(rows: list[dict]) -> go.Figure:
     fig = go.Figure(go.Bar(x=[r["name"] for r in rows], y=[r["delta_acc"] for r in rows], marker_color=colours))
     fig.update_layout(title="Lesion study: accuracy change when a block is removed (grey: MSA)",
                       yaxis_title="Δ accuracy (pp)", height=380)
+    return fig
+
+
+def cka_figure(cka: dict, name: str) -> go.Figure:
+    """The unit × unit linear-CKA heatmap; MSA units are marked in the tick labels, stage ends by lines."""
+    labels = [f"{n} (MSA)" if k == "msa" else n for n, k in zip(cka["names"], cka["kinds"])]
+    fig = go.Figure(go.Heatmap(z=cka["matrix"], x=labels, y=labels, colorscale="Viridis", zmin=0, zmax=1,
+                               colorbar={"title": "CKA"}))
+    stages = cka["stages"]
+    for i in range(1, len(stages)):
+        if stages[i] != stages[i - 1]:
+            for kind in ("v", "h"):
+                line = {"line_width": 1, "line_color": "white", "line_dash": "dot"}
+                (fig.add_vline if kind == "v" else fig.add_hline)(i - 0.5, **line)
+    fig.update_layout(title=f"Representation similarity (mini-batch linear CKA, {cka['examples']} images): {name}",
+                      height=520, width=600, yaxis_autorange="reversed")
     return fig
 
 

@@ -261,6 +261,7 @@ class SpectrumSummary:
     batches: int
     k: int
     unconverged: int = 0
+    counts: dict[str, int] | None = None  # how many values each statistic rests on
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -269,21 +270,22 @@ class SpectrumSummary:
 def hessian_spectrum(
     model: torch.nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    n_batches: int = 2,
+    n_batches: int | None = 2,
     k: int = 1,
     weight_decay: float = 0.0,
     tol: float = 1e-3,
     device: torch.device | None = None,
     max_matvecs: int | None = 60,
 ) -> SpectrumSummary:
-    """Top-``k`` largest-magnitude eigenvalues per mini-batch over ``n_batches`` batches (the author's loop over the
-    augmented training loader), with median λ_max, NEP and APE. A batch whose eigenvalues do not converge within
-    ``max_matvecs`` contributes none (``unconverged`` counts them)."""
+    """Top-``k`` largest-magnitude eigenvalues per mini-batch over ``n_batches`` batches (None: all of them, the
+    author's loop over the augmented training loader), with median λ_max, NEP and APE and the number of values
+    each rests on (``counts``: batches for λ_max, eigenvalues for NEP, positive ones for APE). A batch whose
+    eigenvalues do not converge within ``max_matvecs`` contributes none (``unconverged`` counts them)."""
     values: list[float] = []
     per_batch_max: list[float] = []
     used = unconverged = 0
     for i, (x, y) in enumerate(batches):
-        if i >= n_batches:
+        if n_batches is not None and i >= n_batches:
             break
         if device is not None:
             x, y = x.to(device), y.to(device)
@@ -305,4 +307,5 @@ def hessian_spectrum(
         batches=used,
         k=k,
         unconverged=unconverged,
+        counts={"lambda_max": len(per_batch_max), "nep": len(values), "ape": len(positive)},
     )

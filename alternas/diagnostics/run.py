@@ -19,6 +19,7 @@ from alternas.diagnostics.features import feature_profile, stage_end_delta_high
 from alternas.diagnostics.hessian import hessian_spectrum, hutchinson_trace
 from alternas.diagnostics.landscape import loss_landscape
 from alternas.diagnostics.robustness import lesion_study, noise_robustness
+from alternas.diagnostics.similarity import minibatch_cka
 from alternas.errors import ConfigError
 from alternas.fileio import atomic_write_text
 from alternas.train.fit import make_train_batches
@@ -27,7 +28,8 @@ from alternas.train.recipe import Recipe
 
 @dataclass(frozen=True)
 class DiagnosticsConfig:
-    """Which diagnostics to run and how much each may cost. Defaults are cheap enough to run on every candidate."""
+    """Which diagnostics to run and how much each may cost. Defaults are cheap enough to run on every candidate;
+    the ``paper`` preset (``DIAGNOSTICS_PRESETS``) is the paper's protocol."""
 
     hessian: bool = True
     fourier: bool = True  # Fourier profile and feature-map variance (one forward pass)
@@ -35,8 +37,8 @@ class DiagnosticsConfig:
     lesion: bool = False
     landscape: bool = False
     trace: bool = False
-    hessian_batches: int = 2
-    hessian_batch_size: int = 64
+    hessian_batches: int | None = 2  # None: every batch of one pass over the (augmented) training set
+    hessian_batch_size: int | None = 64  # None: the recipe's batch size
     hessian_k: int = 1
     hessian_tol: float = 1e-3
     hessian_max_matvecs: int = 60  # per batch: bounds the Lanczos cost when eigenvalues cluster
@@ -53,6 +55,12 @@ class DiagnosticsConfig:
     landscape_grid: int = 7
     landscape_batches: int = 1
     trace_samples: int = 10
+    cka: bool = False  # linear CKA between the outputs of every pair of units (PAPER.md §7)
+    cka_batches: int = 4
+    cka_batch_size: int = 64
+    # also diagnose at these epochs during training (1-based; "warmup": the end of the recipe's warmup, where the
+    # paper's Hessian spectra are taken), kept in the candidate's diagnostics/epoch-NNN/
+    at_epochs: tuple[int | Literal["warmup"], ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,21 +68,66 @@ class DiagnosticsConfig:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise ConfigError(f"diagnostics.{f.name} must be >= 0, got {value}")
-        if self.hessian_k < 1 or self.hessian_batches < 1:
-            raise ConfigError("diagnostics.hessian_k and hessian_batches must be >= 1")
+        for key in ("hessian_k", "hessian_batches", "hessian_batch_size", "cka_batches", "cka_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ConfigError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")
+        object.__setattr__(self, "at_epochs", tuple(self.at_epochs))
+        if any(e != "warmup" and (not isinstance(e, int) or e < 1) for e in self.at_epochs):
+            raise ConfigError(f"diagnostics.at_epochs must list epochs >= 1 or 'warmup', got {list(self.at_epochs)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["at_epochs"] = list(self.at_epochs)
+        return out
+
+    def epochs_for(self, recipe: Recipe) -> list[int]:
+        """``at_epochs`` as 1-based epoch numbers of ``recipe`` ("warmup": its last warmup epoch, if it has one)."""
+        wanted = {recipe.warmup_epochs if e == "warmup" else e for e in self.at_epochs}
+        return sorted(e for e in wanted if 1 <= e <= recipe.total_epochs)
+
+
+DIAGNOSTICS_PRESETS: dict[str, DiagnosticsConfig] = {
+    "default": DiagnosticsConfig(),
+    # PAPER.md §5.1, §6, §7: top-5 largest-magnitude eigenvalues per augmented training batch of the recipe's size
+    # over one pass of the training set, also at the end of warmup; the Fourier score at each map's own highest
+    # frequency; the reference's noise bands; lesions and CKA.
+    "paper": DiagnosticsConfig(
+        hessian_k=5, hessian_batches=None, hessian_batch_size=None, hessian_max_matvecs=200, fourier_images=256,
+        fourier_score="paper", noise=True, noise_band="paper", noise_energy="paper", lesion=True, cka=True,
+        at_epochs=("warmup",),
+    ),
+}
+
+
+def get_diagnostics(spec: str | dict[str, Any] | None, where: str = "diagnostics") -> DiagnosticsConfig:
+    """A study's ``diagnostics`` section: a preset name, or a mapping of settings with an optional ``preset``."""
+    from alternas.errors import check_types, reject_unknown_keys
+
+    if spec is None:
+        return DiagnosticsConfig()
+    values = {"preset": spec} if isinstance(spec, str) else dict(spec) if isinstance(spec, dict) else None
+    if values is None:
+        raise ConfigError(f"{where}: give a preset name ({', '.join(DIAGNOSTICS_PRESETS)}) or a mapping")
+    preset = values.pop("preset", "default")
+    if preset not in DIAGNOSTICS_PRESETS:
+        raise ConfigError(f"{where}: unknown diagnostics preset {preset!r}; choose one of: "
+                          f"{', '.join(DIAGNOSTICS_PRESETS)}")
+    reject_unknown_keys(values, {f.name for f in fields(DiagnosticsConfig)}, where=where)
+    return replace(DIAGNOSTICS_PRESETS[preset], **check_types(DiagnosticsConfig, values, where))
+
+
+def hessian_batch_size(config: DiagnosticsConfig, recipe: Recipe) -> int:
+    return config.hessian_batch_size or recipe.batch_size
 
 
 def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: DiagnosticsConfig, device):
     """Augmented training batches (+ Mixup/CutMix soft targets when the recipe mixes), or clean ones."""
     if config.augment:
-        aug = replace(recipe, batch_size=config.hessian_batch_size, workers=0)
+        aug = replace(recipe, batch_size=hessian_batch_size(config, recipe), workers=0)
         batches = make_train_batches(data, aug, device, config.seed, 0, 1)
     else:
-        batches = TensorLoader(data.train, config.hessian_batch_size, mean=data.mean, std=data.std, device=device,
-                               shuffle=True, drop_last=True, seed=config.seed)
+        batches = TensorLoader(data.train, hessian_batch_size(config, recipe), mean=data.mean, std=data.std,
+                               device=device, shuffle=True, drop_last=True, seed=config.seed)
     mixup = None
     if config.augment and recipe.uses_mixup:
         from timm.data import Mixup
@@ -141,6 +194,13 @@ def diagnose(
         out["timings"]["noise"] = time.perf_counter() - t0
     if config.lesion:
         out["lesion"] = lesion_study(model, eval_loader)
+    if config.cka:
+        t0 = time.perf_counter()
+        count = min(config.cka_batches * config.cka_batch_size, len(val_images))
+        loader = TensorLoader(val_images.take(torch.arange(count)), config.cka_batch_size, mean=data.mean,
+                              std=data.std, device=device, drop_last=True)
+        out["cka"] = minibatch_cka(model, (x for x, _ in loader))
+        out["timings"]["cka"] = time.perf_counter() - t0
     if config.landscape:
         batches = [b for _, b in zip(range(config.landscape_batches),
                                      _hessian_batches(model, data, recipe, config, device))]
@@ -183,6 +243,9 @@ def diagnostic_figures(results: dict[str, dict]) -> list:
             figs.append(figures.lesion_figure(v["lesion"]))
         if v.get("landscape"):
             figs.append(figures.landscape_figure(v["landscape"]))
+    for name, v in results.items():
+        if v.get("cka"):
+            figs.append(figures.cka_figure(v["cka"], name))
     return figs
 
 

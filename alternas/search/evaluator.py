@@ -37,6 +37,7 @@ from alternas.models import count_flops, count_parameters
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.search.study import StudyConfig, StudyFolder
+from alternas.train.checkpoint import rng_state, set_rng_state
 from alternas.train.fit import EpochCallback, fit, pick_device
 from alternas.train.recipe import Recipe
 from alternas.train.run import model_for, run_config
@@ -100,6 +101,11 @@ def _read_result(path: Path) -> CandidateResult | None:
         return None
 
 
+def epoch_diagnostics_dir(run_dir: str | Path, epoch: int) -> Path:
+    """Where a candidate's diagnostics at 1-based ``epoch`` of its training go (``diagnostics.at_epochs``)."""
+    return Path(run_dir) / "diagnostics" / f"epoch-{epoch:03d}"
+
+
 def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, seed: int,
                   parent: str | None = None) -> str:
     """Content hash of everything that determines a candidate's training outcome."""
@@ -130,7 +136,9 @@ def base_architecture(spec: str) -> dict[str, Any]:
 def diagnostics_fingerprint(config: StudyConfig) -> str:
     """Names the settings a candidate's diagnostics were measured with: a result measured with others is
     re-diagnosed from its saved weights (no retraining) instead of being reported as if comparable."""
-    return _digest(asdict(config.diagnostics))
+    settings = config.diagnostics.to_dict()
+    settings.pop("at_epochs")  # measured during training, not on the final weights
+    return _digest(settings)
 
 
 def _digest(payload: dict[str, Any]) -> str:
@@ -242,7 +250,8 @@ class Evaluator:
             params, flops = count_parameters(model), count_flops(model)
             init = self._inherited_weights(model, parent) if parent else None
             run = fit(model, data, recipe, run_dir, seed=seed, device=cfg.device, resume=True, quiet=self.quiet,
-                      run_config=run_config(model, cfg.data.to_dict()), epoch_callback=epoch_callback,
+                      run_config=run_config(model, cfg.data.to_dict()),
+                      epoch_callback=self._with_epoch_diagnostics(model, recipe, run_dir, placement, epoch_callback),
                       init_weights=init, stop_after=stop_after)
             result = CandidateResult(
                 **base, status=run.status, val_acc=run.val.get("acc"), val_nll=run.val.get("nll"),
@@ -264,6 +273,29 @@ class Evaluator:
             self._crashed[key] = result
         self._write_result(result)
         return result
+
+    def _with_epoch_diagnostics(self, model: torch.nn.Module, recipe: Recipe, run_dir: Path, placement: Placement,
+                                callback: EpochCallback | None) -> EpochCallback | None:
+        """``callback`` preceded by the study's diagnostics at ``diagnostics.at_epochs`` (the paper's Hessian spectra
+        are at the end of warmup), written to ``diagnostics/epoch-NNN/``. Training's random state is put back
+        afterwards (Mixup in the Hessian loss draws from the global generators), so the run trains the same."""
+        epochs = set(self.config.diagnostics.epochs_for(recipe))
+        if not epochs:
+            return callback
+
+        def on_epoch(epoch: int, row: dict[str, float]) -> None:
+            out_dir = epoch_diagnostics_dir(run_dir, epoch + 1)
+            if epoch + 1 in epochs and not (out_dir / "diagnostics.json").is_file():
+                state = rng_state()
+                try:
+                    diagnose(model, self.data, recipe, self.config.diagnostics, out_dir=out_dir,
+                             label=f"{placement} at epoch {epoch + 1}")
+                finally:
+                    set_rng_state(state)
+            if callback is not None:
+                callback(epoch, row)
+
+        return on_epoch
 
     def _diagnosed(self, result: CandidateResult) -> bool:
         """Whether ``result`` carries diagnostics measured with this study's settings (or needs none)."""

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from alternas.data.datasets import DataConfig
-from alternas.diagnostics.run import DiagnosticsConfig
+from alternas.diagnostics.run import DiagnosticsConfig, get_diagnostics
 from alternas.errors import AlternasError, ConfigError, check_types, reject_unknown_keys
 from alternas.fileio import atomic_write_text
 from alternas.models.bases import get_base
@@ -137,12 +137,13 @@ class StudyConfig:
         out = asdict(self)
         out["recipe"] = self.recipe.to_dict()
         out["data"] = self.data.to_dict()
+        out["diagnostics"] = self.diagnostics.to_dict()
         out["seeds"] = list(self.seeds)
         out["optuna"]["objectives"] = list(self.optuna.objectives)
         return out
 
 
-_SECTIONS = {"data": DataConfig, "diagnostics": DiagnosticsConfig, "buildup": BuildupConfig, "optuna": OptunaConfig}
+_SECTIONS = {"data": DataConfig, "buildup": BuildupConfig, "optuna": OptunaConfig}
 
 
 def _build_section(cls: type, values: Any, where: str) -> Any:
@@ -165,6 +166,8 @@ def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
         try:
             if key in _SECTIONS:
                 kwargs[key] = _build_section(_SECTIONS[key], value, where)
+            elif key == "diagnostics":
+                kwargs[key] = get_diagnostics(value, where)
             elif key == "recipe":
                 if isinstance(value, str):
                     kwargs[key] = get_recipe(value)
