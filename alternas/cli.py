@@ -535,6 +535,32 @@ def report(study_dir: str, storage: str | None) -> None:
     click.echo(f"wrote {build_report(study_dir, storage=storage)}")
 
 
+@main.command()
+@click.argument("study_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the claims as JSON (claim, paper, measured, verdict, "
+              "method).")
+@click.option("--confidence", type=click.FloatRange(0.5, 1.0, min_open=True, max_open=True), default=None,
+              help="Level of the intervals (default: the study's buildup.confidence).")
+def claims(study_dir: str, as_json: bool, confidence: float | None) -> None:
+    """Check the paper's claims on STUDY_DIR's own candidates; also written to claims.json and report.html."""
+    from alternas.claims import claims_table, study_claims
+    from alternas.fileio import atomic_write_text
+    from alternas.report import build_report
+
+    checked = study_claims(study_dir, confidence)
+    payload = json.dumps([c.to_dict() for c in checked], indent=1)
+    atomic_write_text(Path(study_dir) / "claims.json", payload)
+    report = build_report(study_dir)
+    if as_json:
+        click.echo(payload)
+        return
+    click.echo(claims_table(checked))
+    for c in checked:
+        if c.claim == "diagnostics_predict_gains":
+            click.echo(f"\n{c.title}: {c.measured['summary']}.")
+    click.echo(f"\nwrote {Path(study_dir) / 'claims.json'} and {report}")
+
+
 BENCHMARKS = ("attention", "layout", "pipeline", "hessian", "fourier")
 SLOW_BENCHMARKS = ("decisions", "buildup-workers")  # run only when named
 

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
+from alternas.claims import claims_figure, claims_html, study_claims
 from alternas.diagnostics.run import diagnostic_figures
 from alternas.errors import ConfigError
 from alternas.placement import Placement
@@ -266,6 +267,7 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
         raise ConfigError(f"study folder {study_dir} does not exist")
     figures: list[go.Figure] = []
     intro: list[str] = []
+    claims_section = ""
     trajectory = _read(study_dir / "trajectory.json")
     if trajectory and trajectory["steps"]:
         steps = trajectory["steps"]
@@ -286,6 +288,9 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
                 compared[label] = diag
         if compared:
             figures += diagnostic_figures(compared)
+        claims = study_claims(study_dir)
+        figures.append(claims_figure(claims))
+        claims_section = claims_html(claims)
     if storage or has_optuna(study_dir) or _configured_storage(study_dir):
         try:
             optuna_figs, optuna_intro = _optuna_section(study_dir, storage)
@@ -301,7 +306,7 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
     from alternas.diagnostics.figures import write_html
 
     return write_html(study_dir / "report.html", f"alternas study: {study_dir.name}", figures,
-                      intro_html="".join(intro), tables_html=table)
+                      intro_html="".join(intro), tables_html=claims_section + table)
 
 
 def _decision_summary(trajectory: dict) -> str:
