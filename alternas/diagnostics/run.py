@@ -249,6 +249,11 @@ def diagnostic_figures(results: dict[str, dict]) -> list:
     return figs
 
 
+def _counts(result: dict) -> str:
+    counts = (result.get("hessian") or {}).get("counts")
+    return "" if not counts else f"{counts['lambda_max']} batches / {counts['nep']} / {counts['ape']}"
+
+
 def _fourier_note(results: dict[str, dict]) -> str:
     units = next((v["units"] for v in results.values() if v.get("units")), None)
     if not units:
@@ -259,11 +264,12 @@ def _fourier_note(results: dict[str, dict]) -> str:
 def write_figures(path: Path, results: dict[str, dict], title: str) -> Path:
     rows = "".join(
         f"<tr><td>{k}</td><td>{v.get('lambda_max', float('nan')):.4g}</td><td>{v.get('nep', float('nan')):.3f}</td>"
-        f"<td>{v.get('ape', float('nan')):.4g}</td>"
+        f"<td>{v.get('ape', float('nan')):.4g}</td><td>{_counts(v)}</td>"
         f"<td>{', '.join(f'{s}: {d:.2f}' for s, d in v.get('delta_high', {}).items())}</td></tr>"
         for k, v in results.items()
     )
     table = ("<h2>Summary</h2><table><tr><th>model</th><th>λ_max (median)</th><th>NEP</th><th>APE</th>"
+             "<th>values behind λ_max / NEP / APE</th>"
              "<th>Δ log amplitude at the high frequency, stage ends</th></tr>"
              f"{rows}</table>{_fourier_note(results)}")
     return figures.write_html(path, title, diagnostic_figures(results), tables_html=table)
