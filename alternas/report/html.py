@@ -288,9 +288,12 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
                 compared[label] = diag
         if compared:
             figures += diagnostic_figures(compared)
-        claims = study_claims(study_dir)
-        figures.append(claims_figure(claims))
-        claims_section = claims_html(claims)
+        try:
+            claims = study_claims(study_dir)
+            figures.append(claims_figure(claims))
+            claims_section = claims_html(claims)
+        except ConfigError as err:  # e.g. a damaged study.yaml: the report says so instead of failing the search
+            claims_section = f"<p>The paper's claims could not be checked: {html.escape(str(err))}</p>"
     if storage or has_optuna(study_dir) or _configured_storage(study_dir):
         try:
             optuna_figs, optuna_intro = _optuna_section(study_dir, storage)
