@@ -135,11 +135,9 @@ def block_changes(units: list[dict], quantity: Callable[[dict], float]) -> list[
     return out
 
 
-def _kind_gap(units: list[dict] | None, quantity: Callable[[dict], float]) -> tuple[float, float, float] | None:
-    """(mean change at MSA blocks, at Conv blocks, their difference) in one run; None without both kinds."""
-    if not units:
-        return None
-    changes = block_changes(units, quantity)
+def _kind_gap(changes: list[tuple[str, float]]) -> tuple[float, float, float] | None:
+    """(mean value at MSA blocks, at Conv blocks, their difference) of one run's (kind, value) pairs; None without
+    both kinds."""
     msa = [c for k, c in changes if k == "msa"]
     conv = [c for k, c in changes if k == "conv"]
     if not msa or not conv:
@@ -147,18 +145,28 @@ def _kind_gap(units: list[dict] | None, quantity: Callable[[dict], float]) -> tu
     return float(np.mean(msa)), float(np.mean(conv)), float(np.mean(msa) - np.mean(conv))
 
 
+def _msa_vs_conv(runs: list[RunRecord], per_block: Callable[[RunRecord], list[tuple[str, float]]],
+                 confidence: float, unit: str) -> tuple[dict[str, Any], Estimate]:
+    """MSA-block minus Conv-block mean per run, averaged per seed, over the runs that have both kinds."""
+    blocks = {id(r): per_block(r) for r in runs}
+    gaps = {i: _kind_gap(b) for i, b in blocks.items()}
+    used = [r for r in runs if gaps[id(r)] is not None]
+
+    def part(i: int) -> Estimate:
+        return seed_interval(_per_seed(used, lambda r: gaps[id(r)][i]), confidence, unit)
+
+    effect = part(2)
+    return {"effect": effect.to_dict(), "msa": part(0).to_dict(), "conv": part(1).to_dict(), "runs": len(used),
+            "placements": len({r.placement for r in used}),
+            "msa_blocks": sum(k == "msa" for r in used for k, _ in blocks[id(r)]),
+            "conv_blocks": sum(k == "conv" for r in used for k, _ in blocks[id(r)])}, effect
+
+
 def _block_claim(runs: list[RunRecord], confidence: float, quantity: Callable[[dict], float], unit: str
                  ) -> tuple[dict[str, Any], Estimate]:
-    gaps = {id(r): _kind_gap(r.diagnostics.get("units"), quantity) for r in runs}
-    used = [r for r in runs if gaps[id(r)] is not None]
-    msa = seed_interval(_per_seed(used, lambda r: gaps[id(r)][0]), confidence, unit)
-    conv = seed_interval(_per_seed(used, lambda r: gaps[id(r)][1]), confidence, unit)
-    effect = seed_interval(_per_seed(used, lambda r: gaps[id(r)][2]), confidence, unit)
-    blocks = [block_changes(r.diagnostics["units"], quantity) for r in used]
-    measured = {"effect": effect.to_dict(), "msa_change": msa.to_dict(), "conv_change": conv.to_dict(),
-                "runs": len(used), "placements": len({r.placement for r in used}),
-                "msa_blocks": sum(k == "msa" for b in blocks for k, _ in b),
-                "conv_blocks": sum(k == "conv" for b in blocks for k, _ in b)}
+    measured, effect = _msa_vs_conv(runs, lambda r: block_changes(r.diagnostics.get("units") or [], quantity),
+                                    confidence, unit)
+    measured["msa_change"], measured["conv_change"] = measured.pop("msa"), measured.pop("conv")
     return measured, effect
 
 
@@ -203,9 +211,6 @@ def _log(value: float | None) -> float | None:
 
 
 def claim_flatter(best: list[RunRecord], start: list[RunRecord], confidence: float) -> ClaimResult:
-    def diag(key: str) -> Callable[[RunRecord], float | None]:
-        return lambda r: r.diagnostics.get(key)
-
     effect = seed_interval(_paired(best, start, lambda r: _log(r.diagnostics.get("lambda_max"))), confidence,
                            "log ratio")
     counts = [r.diagnostics.get("hessian", {}).get("counts") or {} for r in best + start]
@@ -214,7 +219,7 @@ def claim_flatter(best: list[RunRecord], start: list[RunRecord], confidence: flo
         "lambda_max_ratio": _clean(math.exp(effect.mean)) if math.isfinite(effect.mean) else None,
         "ape_log_ratio": seed_interval(_paired(best, start, lambda r: _log(r.diagnostics.get("ape"))), confidence,
                                        "log ratio").to_dict(),
-        "nep_difference": seed_interval(_paired(best, start, diag("nep")), confidence).to_dict(),
+        "nep_difference": seed_interval(_paired(best, start, lambda r: r.diagnostics.get("nep")), confidence).to_dict(),
         "best": _placement_of(best), "start": _placement_of(start),
         "eigenvalues_per_run": min((c.get("nep", 0) for c in counts), default=0),
     }
@@ -259,23 +264,12 @@ def claim_noise(best: list[RunRecord], start: list[RunRecord], confidence: float
         "positive", effect)
 
 
-def _lesion_gap(run: RunRecord) -> tuple[float, float, float] | None:
-    rows = run.diagnostics.get("lesion") or []
-    msa = [r["delta_acc"] for r in rows if r["kind"] == "msa"]
-    conv = [r["delta_acc"] for r in rows if r["kind"] == "conv"]
-    if not msa or not conv:
-        return None
-    return float(np.mean(msa)), float(np.mean(conv)), float(np.mean(msa) - np.mean(conv))
-
-
 def claim_lesion(runs: list[RunRecord], confidence: float) -> ClaimResult:
-    gaps = {id(r): _lesion_gap(r) for r in runs}
-    used = [r for r in runs if gaps[id(r)] is not None]
-    effect = seed_interval(_per_seed(used, lambda r: gaps[id(r)][2]), confidence, "pp")
-    measured = {"effect": effect.to_dict(),
-                "msa_removed": seed_interval(_per_seed(used, lambda r: gaps[id(r)][0]), confidence, "pp").to_dict(),
-                "conv_removed": seed_interval(_per_seed(used, lambda r: gaps[id(r)][1]), confidence, "pp").to_dict(),
-                "runs": len(used), "placements": len({r.placement for r in used})}
+    measured, effect = _msa_vs_conv(
+        runs, lambda r: [(row["kind"], row["delta_acc"]) for row in r.diagnostics.get("lesion") or []],
+        confidence, "pp")
+    measured["msa_removed"], measured["conv_removed"] = measured.pop("msa"), measured.pop("conv")
+    del measured["msa_blocks"], measured["conv_blocks"]
     if not any(r.diagnostics.get("lesion") for r in runs):
         measured["missing"] = "no lesion diagnostics: set diagnostics.lesion: true (or diagnostics: paper)"
     return ClaimResult(
