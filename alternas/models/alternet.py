@@ -5,23 +5,29 @@ Topology (PAPER.md §1.1): stem -> stages -> BN -> ReLU -> global average pool -
 order with tags (``units()``), which the diagnostics hook.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FX copies ``forward``'s annotations into the code it generates,
+# and TorchScript cannot read them back as strings.
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import create_classifier, get_act_layer, get_norm_layer
+from timm.models import checkpoint_seq, named_apply
+from timm.models._features import feature_take_indices  # timm exports it only from the private module
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from alternas.errors import ConfigError
 from alternas.models.bases import Base, get_base
-from alternas.models.blocks import CONV_BLOCKS, AttentionPath, MSABlock, WindowAttention, attention_path
+from alternas.models.blocks import CONV_BLOCKS, AttentionPath, LayerType, MSABlock, WindowAttention, attention_path
 from alternas.placement import Placement, feature_sizes, validate_for_model
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+WEIGHT_INIT = "timm-resnet"  # names ``init_weights``; part of every candidate's cache key (another init, other runs)
 SMALL_IMAGE_MAX = 64  # images up to this size get the CIFAR stem (no pooling) and 4x4 windows
 
 
@@ -60,11 +66,18 @@ def _as_size(img_size: int | tuple[int, int] | list[int]) -> int:
 
 
 class AlterNet(nn.Module):
-    """A ResNet base with Conv or MSA blocks placed as ``placement`` says."""
+    """A ResNet base with Conv or MSA blocks placed as ``placement`` says.
+
+    ``placement=None`` takes the base's reference placement (the reference code's ``num_blocks2`` on its depths),
+    so that every timm entrypoint builds without arguments. ``norm_layer``/``act_layer`` (names or classes, as in
+    timm's byobnet) replace BN and ReLU everywhere; ``attn_act_layer`` is the MSA blocks' GELU.
+    """
+
+    __jit_unused_properties__ = ["default_cfg", "model_args"]  # plain Python, not part of the scripted model
 
     def __init__(
         self,
-        placement: str | Placement,
+        placement: str | Placement | None = None,
         base: str | Base = "resnet50",
         num_classes: int = 1000,
         img_size: int | tuple[int, int] = 224,
@@ -75,16 +88,25 @@ class AlterNet(nn.Module):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         zero_init_last: bool = False,
+        global_pool: str = "avg",
+        norm_layer: str | LayerType = "batchnorm2d",
+        act_layer: str | LayerType = "relu",
+        attn_act_layer: str | LayerType = "gelu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.placement = Placement.parse(placement)
         self.base = get_base(base)
+        if placement is None:
+            placement = reference_placement(self.base)
+        self.placement = Placement.parse(placement)
         self.img_size = _as_size(img_size)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.window_size = window_size or default_window_size(self.img_size)
         self.stem_pool = self.img_size > SMALL_IMAGE_MAX if stem_pool is None else stem_pool
         self.drop_path_rate = drop_path_rate
+        self.grad_checkpointing = False
         validate_for_model(
             self.placement,
             num_stages=self.base.num_stages,
@@ -93,8 +115,11 @@ class AlterNet(nn.Module):
             stem_pool=self.stem_pool,
         )
         small = self.img_size <= SMALL_IMAGE_MAX
-        self.mean = tuple(mean or (CIFAR100_MEAN if small else IMAGENET_MEAN))
-        self.std = tuple(std or (CIFAR100_STD if small else IMAGENET_STD))
+        self.mean = tuple(mean or (CIFAR100_MEAN if small else IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(std or (CIFAR100_STD if small else IMAGENET_DEFAULT_STD))
+        self._layer_names = {k: v for k, v in (("norm_layer", norm_layer), ("act_layer", act_layer),
+                                               ("attn_act_layer", attn_act_layer)) if isinstance(v, str)}
+        norm, act, attn_act = get_norm_layer(norm_layer), get_act_layer(act_layer), get_act_layer(attn_act_layer)
 
         b = self.base
         sizes = feature_sizes(self.img_size, b.num_stages, self.stem_pool)
@@ -105,7 +130,11 @@ class AlterNet(nn.Module):
         else:
             stem_layers["conv"] = nn.Conv2d(in_chans, b.stem_width, 3, stride=1, padding=1, bias=False)
         self.stem = nn.Sequential(OrderedDict(stem_layers))
+        reduction = self.img_size // sizes[0]
         infos = [BlockInfo("stem", -1, 0, "stem", self.stem_pool, in_chans, b.stem_width, sizes[0])]
+        # module paths as timm's FeatureListNet sees them with flatten_sequential (the stem is a Sequential)
+        stem_out = f"stem.{next(reversed(stem_layers))}"
+        self.feature_info = [dict(num_chs=b.stem_width, reduction=reduction, module=stem_out)]
 
         # Linear stochastic-depth schedule over all blocks of all stages: 0 for the first, drop_path for the last.
         total = sum(self.placement.depths)
@@ -120,10 +149,12 @@ class AlterNet(nn.Module):
                 if letter == "M":
                     block: nn.Module = MSABlock(
                         channels, b.widths[s], expansion=b.expansion, heads=b.heads[s], dim_head=b.dim_head,
-                        window_size=self.window_size, stride=stride, drop_path=rates[j],
+                        window_size=self.window_size, stride=stride, drop_path=rates[j], norm_layer=norm,
+                        act_layer=attn_act,
                     )
                 else:
-                    block = conv_cls(channels, b.widths[s], stride=stride, drop_path=rates[j])
+                    block = conv_cls(channels, b.widths[s], stride=stride, drop_path=rates[j], norm_layer=norm,
+                                     act_layer=act)
                 out = b.widths[s] * b.expansion
                 infos.append(BlockInfo(
                     f"stages.{s}.{i}", s, i, "msa" if letter == "M" else "conv", stride != 1, channels, out,
@@ -132,15 +163,24 @@ class AlterNet(nn.Module):
                 blocks.append(block)
                 channels, j = out, j + 1
             stages.append(nn.Sequential(*blocks))
+            reduction = self.img_size // sizes[s]
+            self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"stages.{s}"))
         self.stages = nn.Sequential(*stages)
         self.block_infos: tuple[BlockInfo, ...] = tuple(infos)
 
-        self.num_features = channels
-        self.final_norm = nn.BatchNorm2d(channels)
-        self.final_act = nn.ReLU()
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
+        self.num_features = self.head_hidden_size = channels
+        self.final_norm = norm(channels)
+        self.final_act = act()
+        self.global_pool, self.fc = create_classifier(channels, num_classes, pool_type=global_pool)
         self.pretrained_cfg = self._default_cfg()
+        self.init_weights(zero_init_last=zero_init_last)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
+
+    def init_weights(self, zero_init_last: bool = False) -> None:
+        """timm's ResNet initialisation: He-normal convs (fan-out), unit BN, small normal classifier; the
+        relative-position tables keep their N(0, 0.02²) (PAPER.md §1.3)."""
+        named_apply(_init_module, self)
         if zero_init_last:
             for module in self.modules():
                 if hasattr(module, "zero_init_last"):
@@ -148,23 +188,25 @@ class AlterNet(nn.Module):
 
     # -- timm interface ------------------------------------------------------------------------------------------
     def _default_cfg(self) -> dict[str, Any]:
-        return {
-            "architecture": "alternet",
-            "input_size": (self.in_chans, self.img_size, self.img_size),
-            "fixed_input_size": True,
-            "interpolation": "bicubic",
-            "crop_pct": 1.0 if self.img_size <= SMALL_IMAGE_MAX else 0.875,
-            "mean": self.mean,
-            "std": self.std,
-            "num_classes": self.num_classes,
-            "first_conv": "stem.conv",
-            "classifier": "fc",
-        }
+        return {"architecture": "alternet", **data_cfg(self.base, self.img_size, self.in_chans, self.stem_pool,
+                                                       self.mean, self.std), "num_classes": self.num_classes}
+
+    @property
+    def default_cfg(self) -> dict[str, Any]:
+        """timm's older name for ``pretrained_cfg``: one dict, so the two can never disagree."""
+        return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
 
     @property
     def model_args(self) -> dict[str, Any]:
         """Everything needed to rebuild this model (JSON-serialisable; what an export stores)."""
-        return {
+        if len(self._layer_names) < 3:
+            raise ConfigError("this AlterNet was built with norm/act layers given as classes; give them by name "
+                              "(e.g. norm_layer='batchnorm2d', act_layer='silu') so that it can be rebuilt")
+        args = {
             "placement": str(self.placement),
             "base": self.base.name,
             "num_classes": self.num_classes,
@@ -175,38 +217,166 @@ class AlterNet(nn.Module):
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        # non-default layers only, so configs written before these arguments existed stay identical
+        defaults = {"norm_layer": "batchnorm2d", "act_layer": "relu", "attn_act_layer": "gelu"}
+        return args | {k: v for k, v in self._layer_names.items() if v != defaults[k]}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's layer-wise LR decay: the stem, then each stage (coarse) or block."""
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.(\d+)", None), (r"^final_norm", (99999,))]}
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """The relative-position tables: biases, not weights (timm's optimizer factory reads this)."""
+        return {name for name, _ in self.named_parameters() if name.endswith("relative_position_bias")}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        pool_type = self.global_pool.pool_type if global_pool is None else global_pool
+        like = next(self.parameters())  # the new head lives where the model does
+        global_pool, fc = create_classifier(self.num_features, num_classes, pool_type=pool_type)
+        self.global_pool = global_pool.train(self.training)
+        self.fc = fc.to(device=like.device, dtype=like.dtype).train(self.training)
         self.pretrained_cfg = {**self.pretrained_cfg, "num_classes": num_classes}
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem's and each stage's output (timm's convention: index 0 is the stem, ``indices`` an int takes
+        the last n); ``norm`` applies the final BN-ReLU to the last stage's, as ``forward_features`` does."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"AlterNet intermediates are NCHW, not {output_fmt}")
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        intermediates = []
+        x = self.stem(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[:max_index]
+        last = len(self.stages)
+        feat_idx = 0
+        for feat_idx, stage in enumerate(stages, start=1):
+            x = self._run_stage(stage, x)
+            if feat_idx in take_indices:
+                intermediates.append(self.final_act(self.final_norm(x)) if norm and feat_idx == last else x)
+        if intermediates_only:
+            return intermediates
+        if feat_idx == last:
+            x = self.final_act(self.final_norm(x))
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop what the taken intermediates do not need (timm's ``features_only`` with ``feature_cls='getter'``)."""
+        take_indices, max_index = feature_take_indices(len(self.stages) + 1, indices)
+        prune_end = max_index < len(self.stages)
+        self.stages = self.stages[:max_index]
+        if prune_norm or prune_end:
+            self.final_norm, self.final_act = nn.Identity(), nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def _run_stage(self, stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(stage, x)
+        return stage(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(self.stem(x))
+        x = self.stem(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.stages, x, flatten=True)
+        else:
+            x = self.stages(x)
         return self.final_act(self.final_norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.global_pool(x).flatten(1)
+        x = self.global_pool(x)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     # -- introspection for diagnostics ---------------------------------------------------------------------------
+    @torch.jit.ignore
     def units(self) -> Iterator[tuple[BlockInfo, nn.Module]]:
         """The stem and every block, in forward order, with their tags (the paper's ``blocks`` list minus the
         classifier)."""
         modules = [self.stem] + [block for stage in self.stages for block in stage]
         return zip(self.block_infos, modules, strict=True)
 
+    @torch.jit.ignore
     def set_attention_path(self, path: AttentionPath) -> None:
         """Run every MSA on ``path``: "auto" (SDPA where it has a fused kernel), "sdpa" or "math"."""
         for module in self.modules():
             if isinstance(module, WindowAttention):
                 module.path = path
+
+
+def data_cfg(
+    base: str | Base,
+    img_size: int | tuple[int, int] = 224,
+    in_chans: int = 3,
+    stem_pool: bool | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> dict[str, Any]:
+    """The timm pretrained-cfg entries that follow from an AlterNet's input (what ``timm.data.resolve_data_config``
+    and timm's feature wrappers read): known before the model is built, so the registry and the model agree."""
+    size = _as_size(img_size)
+    small = size <= SMALL_IMAGE_MAX
+    pool = size > SMALL_IMAGE_MAX if stem_pool is None else stem_pool
+    final = feature_sizes(size, get_base(base).num_stages, pool)[-1]
+    return {
+        "input_size": (in_chans, size, size),
+        "fixed_input_size": True,
+        "pool_size": (final, final),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0 if small else 0.875,
+        "mean": tuple(mean or (CIFAR100_MEAN if small else IMAGENET_DEFAULT_MEAN)),
+        "std": tuple(std or (CIFAR100_STD if small else IMAGENET_DEFAULT_STD)),
+        "first_conv": "stem.conv",
+        "classifier": "fc",
+    }
+
+
+def _init_module(module: nn.Module, name: str = "") -> None:
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0, 0.01)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def reference_placement(base: str | Base) -> str:
+    """The reference code's default for ``base``: its ``num_blocks2`` MSA counts on the base's AlterNet depths
+    (all Conv where the base names none)."""
+    b = get_base(base)
+    counts = b.paper_msa_counts or (0,) * b.num_stages
+    return str(Placement.from_counts(b.depths, counts))
 
 
 def build_model(

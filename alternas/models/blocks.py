@@ -6,14 +6,16 @@ block changes shape) takes the pre-activated input. Stochastic depth drops the r
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
+from timm.layers import DropPath, register_notrace_function
 from torch import nn
+
+LayerType = Callable[..., nn.Module]
 
 
 def _conv1x1(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -33,10 +35,11 @@ class _PreActResidual(nn.Module):
 
     expansion = 1
 
-    def __init__(self, c_in: int, c_out: int, stride: int, drop_path: float, act: type[nn.Module]) -> None:
+    def __init__(self, c_in: int, c_out: int, stride: int, drop_path: float, norm_layer: LayerType,
+                 act_layer: LayerType) -> None:
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(c_in)
-        self.act1 = act()
+        self.norm1 = norm_layer(c_in)
+        self.act1 = act_layer()
         self.shortcut = _conv1x1(c_in, c_out, stride) if stride != 1 or c_in != c_out else None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
@@ -69,11 +72,12 @@ class BasicBlock(_PreActResidual):
 
     expansion = 1
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0) -> None:
-        super().__init__(c_in, planes * self.expansion, stride, drop_path, nn.ReLU)
+    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0,
+                 norm_layer: LayerType = nn.BatchNorm2d, act_layer: LayerType = nn.ReLU) -> None:
+        super().__init__(c_in, planes * self.expansion, stride, drop_path, norm_layer, act_layer)
         self.conv1 = _conv3x3(c_in, planes, stride)
-        self.norm2 = nn.BatchNorm2d(planes)
-        self.act2 = nn.ReLU()
+        self.norm2 = norm_layer(planes)
+        self.act2 = act_layer()
         self.conv2 = _conv3x3(planes, planes * self.expansion)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,14 +92,15 @@ class Bottleneck(_PreActResidual):
 
     expansion = 4
 
-    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0) -> None:
-        super().__init__(c_in, planes * self.expansion, stride, drop_path, nn.ReLU)
+    def __init__(self, c_in: int, planes: int, stride: int = 1, drop_path: float = 0.0,
+                 norm_layer: LayerType = nn.BatchNorm2d, act_layer: LayerType = nn.ReLU) -> None:
+        super().__init__(c_in, planes * self.expansion, stride, drop_path, norm_layer, act_layer)
         self.conv1 = _conv1x1(c_in, planes)
-        self.norm2 = nn.BatchNorm2d(planes)
-        self.act2 = nn.ReLU()
+        self.norm2 = norm_layer(planes)
+        self.act2 = act_layer()
         self.conv2 = _conv3x3(planes, planes, stride)
-        self.norm3 = nn.BatchNorm2d(planes)
-        self.act3 = nn.ReLU()
+        self.norm3 = norm_layer(planes)
+        self.act3 = act_layer()
         self.conv3 = _conv1x1(planes, planes * self.expansion)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,16 +181,22 @@ class WindowAttention(nn.Module):
         # (b, 3·heads·dh, h, w) -> (3, b·windows, heads, p², dh); channel order is (heads, dh) as in the reference.
         qkv = self.qkv(x).reshape(b, 3, nh, dh, n1, p, n2, p)
         q, k, v = qkv.permute(1, 0, 4, 6, 2, 5, 7, 3).reshape(3, b * n1 * n2, nh, p * p, dh).unbind(0)
-        bias = self.position_bias().to(q.dtype)
-        if self.path == "sdpa" or self.path == "auto" and _sdpa_is_fused(q, bias):
-            # fused kernels want the head dim contiguous; from an NCHW conv output it is strided by h·w
-            q, k, v = (t.contiguous() for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        else:
-            logits = (q @ k.transpose(-2, -1)) * dh**-0.5 + bias
-            out = logits.softmax(dim=-1) @ v
+        out = attend(q, k, v, self.position_bias().to(q.dtype), self.path)
         out = out.reshape(b, n1, n2, nh, p, p, dh).permute(0, 3, 6, 1, 4, 2, 5).reshape(b, nh * dh, h, w)
         return self.proj(out)
+
+
+@register_notrace_function  # FX keeps this one call: the kernel choice below looks at the device and grad mode
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, path: str) -> torch.Tensor:
+    """softmax(q·kᵀ/√d + bias)·v on the kernel ``path`` picks (see ``WindowAttention``)."""
+    if path == "sdpa" or path == "auto" and _sdpa_is_fused(q, bias):
+        # fused kernels want the head dim contiguous; from an NCHW conv output it is strided by h·w
+        return F.scaled_dot_product_attention(q.contiguous(), k.contiguous(), v.contiguous(), attn_mask=bias)
+    logits = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias
+    return logits.softmax(dim=-1) @ v
+
+
+torch.fx.wrap("attend")  # plain ``torch.fx.symbolic_trace`` too, not only timm's tracer
 
 
 class MSABlock(_PreActResidual):
@@ -206,14 +217,16 @@ class MSABlock(_PreActResidual):
         window_size: int,
         stride: int = 1,
         drop_path: float = 0.0,
+        norm_layer: LayerType = nn.BatchNorm2d,
+        act_layer: LayerType = nn.GELU,
     ) -> None:
         if stride != 1:
             raise ValueError("an MSA block cannot subsample; the first block of a strided stage must be Conv")
         self.expansion = expansion
-        super().__init__(c_in, planes * expansion, stride, drop_path, nn.GELU)
+        super().__init__(c_in, planes * expansion, stride, drop_path, norm_layer, act_layer)
         width = c_in // expansion
         self.conv = _conv1x1(c_in, width)
-        self.norm2 = nn.BatchNorm2d(width)
+        self.norm2 = norm_layer(width)
         self.attn = WindowAttention(width, planes * expansion, heads, dim_head, window_size)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:

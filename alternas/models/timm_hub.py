@@ -11,13 +11,12 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model, save_for_hf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model, save_for_hf
 
 from alternas.errors import ConfigError
 from alternas.fileio import DAMAGED_FILE_ERRORS
-from alternas.models.alternet import CIFAR100_MEAN, CIFAR100_STD, AlterNet
-from alternas.models.bases import get_base
-from alternas.placement import Placement
+from alternas.models.alternet import CIFAR100_MEAN, CIFAR100_STD, AlterNet, data_cfg
 
 PAPER_CIFAR100_PLACEMENT = "CCC,CCCM,CCCCCM,CMCM"  # PAPER.md §1.4: Alter-ResNet-50 for CIFAR-100, 33.01 M params
 
@@ -31,8 +30,8 @@ def _cfg(**overrides: Any) -> dict[str, Any]:
         "pool_size": (7, 7),
         "crop_pct": 0.875,
         "interpolation": "bicubic",
-        "mean": (0.485, 0.456, 0.406),
-        "std": (0.229, 0.224, 0.225),
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
         "first_conv": "stem.conv",
         "classifier": "fc",
         "license": "apache-2.0",
@@ -54,24 +53,32 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, pretrained: bool, **kwargs: Any) -> AlterNet:
-    model = build_model_with_cfg(AlterNet, variant, pretrained, **kwargs)
-    # The registered cfg describes the variant's default input; the model knows its actual one.
-    model.pretrained_cfg = {**model.pretrained_cfg, **model._default_cfg(), "architecture": variant}
-    return model
+    # The registered cfg describes the variant's default input; the arguments may ask for another (img_size=32),
+    # and the cfg that the model and timm's feature wrappers carry must say so.
+    registered = get_pretrained_cfg(variant)
+    in_chans, height, _ = registered.input_size
+    input_args = {k: kwargs[k] for k in ("in_chans", "img_size", "stem_pool", "mean", "std") if k in kwargs}
+    overlay = data_cfg(kwargs.get("base", "resnet50"), **{"in_chans": in_chans, "img_size": height, **input_args})
+    if "num_classes" in kwargs:
+        overlay["num_classes"] = kwargs["num_classes"]
+    overlay |= kwargs.pop("pretrained_cfg_overlay", None) or {}
+    # stem and stage outputs are the feature levels; FeatureListNet finds them inside the Sequentials
+    return build_model_with_cfg(AlterNet, variant, pretrained, pretrained_cfg_overlay=overlay,
+                                feature_cfg={"flatten_sequential": True}, **kwargs)
 
 
 def _reference(variant: str, base: str, pretrained: bool, kwargs: dict[str, Any]) -> AlterNet:
     """The reference code's ``dnn_*`` default: ``num_blocks2`` of the base on its AlterNet depths."""
-    b = get_base(base)
-    kwargs.setdefault("placement", str(Placement.from_counts(b.depths, b.paper_msa_counts)))
     return _create(variant, pretrained, base=base, **kwargs)
 
 
 @register_model
 def alternet(pretrained: bool = False, **kwargs: Any) -> AlterNet:
-    """Generic AlterNet: pass ``placement=`` and ``base=`` (e.g. ``placement="CC,CM,CM,CM", base="resnet18"``)."""
-    if "placement" not in kwargs:
-        raise ConfigError("timm.create_model('alternet', ...) needs placement='...' (e.g. 'CC,CM,CM,CM')")
+    """Generic AlterNet: ``placement=`` and ``base=`` (e.g. ``placement="CC,CM,CM,CM", base="resnet18"``).
+
+    Without them it is the ImageNet AlterNet-50 (``resnet50`` base, the reference placement ``CCC,CCCM,CMCMCM,CMCM``),
+    like ``alternet50``.
+    """
     return _create("alternet", pretrained, **kwargs)
 
 
