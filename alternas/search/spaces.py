@@ -16,6 +16,7 @@ Optional ``msa`` section: searched MSA hyper-parameters ``heads_mult``, ``dim_he
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,12 @@ def space_from_dict(raw: dict[str, Any], source: str = "space") -> SearchSpace:
 
 
 def default_space_path(base: str) -> Path:
-    """``search_spaces/<base>.yaml`` next to the working directory, else in the source checkout."""
+    """``search_spaces/<base>.yaml`` in the working directory (your edited copy), else the one shipped with the
+    package."""
     name = base.split("@")[0]
-    for root in (Path.cwd() / "search_spaces", Path(__file__).resolve().parents[2] / "search_spaces"):
+    shipped = Path(str(resources.files("alternas.search_spaces")))
+    for root in (Path.cwd() / "search_spaces", shipped):
         if (root / f"{name}.yaml").is_file():
             return root / f"{name}.yaml"
-    raise ConfigError(f"no search space for base {name!r}: pass --space FILE (see search_spaces/)")
+    known = ", ".join(p.stem for p in sorted(shipped.glob("*.yaml")))
+    raise ConfigError(f"no search space for base {name!r} (shipped: {known}): pass --space FILE")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,10 +195,28 @@ def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_study(path: str | os.PathLike) -> StudyConfig:
+def study_templates() -> dict[str, Path]:
+    """The study files shipped with the package (``quickstart``, ``cifar100-resnet50``), by name."""
+    root = Path(str(resources.files("alternas.studies")))
+    return {p.stem: p for p in sorted(root.glob("*.yaml"))}
+
+
+def find_study_file(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file, else the shipped template it names (``quickstart``, ``studies/quickstart.yaml``):
+    the README's commands work from any folder once the package is installed."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"study file {path} does not exist")
+    if path.is_file():
+        return path
+    templates = study_templates()
+    name = path.name.removesuffix(".yaml")
+    if path.parent in (Path("."), Path("studies")) and name in templates:
+        return templates[name]
+    raise ConfigError(f"study file {path} does not exist; give a study YAML or a shipped template: "
+                      f"{', '.join(templates)}")
+
+
+def load_study(path: str | os.PathLike) -> StudyConfig:
+    path = find_study_file(path)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:

@@ -1,0 +1,1 @@
+"""Study templates shipped with alternas: ``alternas buildup --study quickstart`` finds them from any folder."""
