@@ -121,10 +121,9 @@ def export(base: str, num_classes: int, image_size: int, window_size: int | None
     if study_dir:
         if not best and trial is None:
             raise click.UsageError("with --study, say which candidate: --best or --trial N")
-        from alternas.search.selection import best_buildup_run, optuna_run
+        from alternas.search.selection import chosen_run
 
-        use_buildup = trial is None and (Path(study_dir) / "trajectory.json").is_file()
-        chosen = best_buildup_run(study_dir) if use_buildup else optuna_run(study_dir, trial, prefer)
+        chosen = chosen_run(study_dir, trial, prefer)
         model = model_from_run(chosen.run_dir)
         base = model.base.name
         click.echo(f"{study_dir}: best placement {chosen.placement} (seed {chosen.seed}, val acc "
@@ -261,30 +260,18 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
              hessian_k: int | None, no_augment: bool,
              no_l2: bool, device: str | None, out_dir: str | None, as_json: bool) -> None:
     """Diagnose a trained model: a run folder (RUN_DIR) or --placement/--base/--checkpoint."""
-    import yaml
-
     from alternas.data import DataConfig, load_data
     from alternas.diagnostics import diagnose as run_diagnostics
     from alternas.diagnostics.run import DIAGNOSTICS_PRESETS
-    from alternas.errors import ConfigError
     from alternas.models.timm_hub import load_weights
     from alternas.train import get_recipe, pick_device
     from alternas.train.recipe import Recipe
-    from alternas.train.run import model_for
+    from alternas.train.run import model_for, read_run_config, run_weights
 
     saved: dict[str, Any] = {}
     if run_dir:
-        config_path = Path(run_dir) / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); train one with `alternas train`")
-        saved = yaml.safe_load(config_path.read_text()) or {}
-        if checkpoint is None:
-            final = Path(run_dir) / "model.safetensors"
-            from alternas.train.checkpoint import load_state
-
-            state = load_state(Path(run_dir) / "checkpoint")
-            checkpoint = str(final if final.is_file() else Path(run_dir) / "checkpoint" / state["weights"]
-                             if state else final)
+        saved = read_run_config(run_dir)
+        checkpoint = checkpoint or str(run_weights(run_dir))
     elif placement is None:
         raise click.UsageError("give RUN_DIR, or --placement (with --base and --checkpoint)")
     model_args = saved.get("model", {})
@@ -434,34 +421,17 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
 
 def _study_config(study_file, name, base, data_name, data_root, subset, recipe_name, epochs, seeds, out_dir, device,
                   extra: dict[str, Any]):
-    """A study from its file (or defaults for --base/--data) with the command-line overrides applied."""
-    from alternas.search.study import load_study, study_from_dict, with_overrides
+    from alternas.search.study import study_for_command
 
-    if study_file:
-        config = load_study(study_file)
-    else:
-        data = data_name or "shapes"
-        builtin = data in ("shapes", "textures")
-        config = study_from_dict({"name": name or f"{data.replace(':', '-').replace('/', '-')}-{base or 'resnet50'}",
-                                  "base": base or ("tiny" if builtin else "resnet50"),
-                                  "recipe": "fast" if builtin else "paper", "data": {"name": data}}, "command line")
     if seeds is not None:
         try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+            seeds = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise click.BadParameter(f"expected comma-separated integers, got {seeds!r}",
                                      param_hint="--seeds") from None
     overrides = {"name": name, "base": base, "data.name": data_name, "data.root": data_root, "data.subset": subset,
-                 "recipe.name": recipe_name, "recipe.epochs": epochs, "seeds": seed_list if seeds else None,
-                 "output": out_dir, "device": device, **extra}
-    if recipe_name:  # a different preset replaces the recipe; its epochs etc. come from the preset
-        from dataclasses import replace
-
-        from alternas.train import get_recipe
-
-        config = with_overrides(config, {k: v for k, v in overrides.items() if not k.startswith("recipe.")})
-        return replace(config, recipe=get_recipe(recipe_name, {"epochs": epochs} if epochs else None))
-    return with_overrides(config, overrides)
+                 "recipe.epochs": epochs, "seeds": seeds or None, "output": out_dir, "device": device, **extra}
+    return study_for_command(study_file, overrides, recipe=recipe_name)
 
 
 @main.command()

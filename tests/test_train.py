@@ -9,10 +9,10 @@ import yaml
 from safetensors.torch import load_file
 
 from alternas.data import DataConfig, load_data
+from alternas.data.augment import build_train_transform, make_train_batches
 from alternas.data.loader import normalize
 from alternas.errors import ConfigError
 from alternas.train import PRESETS, Recipe, fit, get_recipe
-from alternas.train.fit import build_train_transform, make_train_batches
 from alternas.train.run import model_for
 from tests.helpers import run_cli
 

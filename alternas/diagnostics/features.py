@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from alternas.models.alternet import BlockInfo
+from alternas.models.blocks import eval_mode
 
 
 @dataclass
@@ -59,11 +60,8 @@ def collect_latents(
 
         handles.append(module.register_forward_hook(hook))
     try:
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(inputs)
-        model.train(was_training)
     finally:
         for handle in handles:
             handle.remove()

@@ -29,9 +29,7 @@ def nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with hard labels or soft (Mixup/CutMix) targets; half-precision logits are upcast."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    if targets.dtype.is_floating_point:
-        return torch.sum(-targets * F.log_softmax(logits, dim=-1), dim=-1).mean()
-    return F.cross_entropy(logits, targets)
+    return F.cross_entropy(logits, targets)  # class indices, or probabilities (soft targets)
 
 
 def training_loss(
@@ -48,15 +46,10 @@ def training_loss(
 def twice_differentiable(model: torch.nn.Module):
     """Eval mode (BN running stats, no drop path), math-path attention and IEEE fp32 arithmetic, restored
     afterwards."""
-    from alternas.models.blocks import attention_path
+    from alternas.models.blocks import attention_path, eval_mode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with attention_path(model, "math"), ieee_fp32():
-            yield model
-    finally:
-        model.train(was_training)
+    with eval_mode(model), attention_path(model, "math"), ieee_fp32():
+        yield model
 
 
 @contextmanager
@@ -106,6 +99,8 @@ class HessianOperator:
         return torch.cat([g.reshape(-1) for g in grads]).detach()
 
     def _split(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        # Not torch's parameters_to_vector / vector_to_parameters: the latter overwrites the parameters (these are
+        # views used as grad_outputs and tangents), the former needs ``view(-1)``, which channels_last grads refuse.
         return [chunk.view_as(p) for chunk, p in zip(flat.split([p.numel() for p in self.params]), self.params)]
 
     def hvp(self, vector: torch.Tensor) -> torch.Tensor:

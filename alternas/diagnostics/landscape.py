@@ -7,6 +7,7 @@ import re
 import torch
 
 from alternas.diagnostics.hessian import training_loss
+from alternas.models.blocks import eval_mode
 
 _IGNORED = re.compile(r"pos_embed|relative_position")
 
@@ -39,18 +40,16 @@ def loss_landscape(
     d1, d2 = random_direction(model, gen), random_direction(model, gen)
     origin = {k: v.clone() for k, v in model.state_dict().items()}
     coords = torch.linspace(-span, span, grid).tolist()
-    was_training = model.training
-    model.eval()
     loss = [[0.0] * grid for _ in range(grid)]
-    try:
-        for i, a in enumerate(coords):
-            for j, b in enumerate(coords):
-                model.load_state_dict({k: (v + a * d1[k] + b * d2[k]) if v.is_floating_point() else v
-                                       for k, v in origin.items()})
-                nll = sum(float(training_loss(model, x, y)) for x, y in batches) / len(batches)
-                l2 = sum(float(p.norm()) for p in model.parameters())
-                loss[i][j] = nll + weight_decay * l2
-    finally:
-        model.load_state_dict(origin)
-        model.train(was_training)
+    with eval_mode(model):
+        try:
+            for i, a in enumerate(coords):
+                for j, b in enumerate(coords):
+                    model.load_state_dict({k: (v + a * d1[k] + b * d2[k]) if v.is_floating_point() else v
+                                           for k, v in origin.items()})
+                    nll = sum(float(training_loss(model, x, y)) for x, y in batches) / len(batches)
+                    l2 = sum(float(p.norm()) for p in model.parameters())
+                    loss[i][j] = nll + weight_decay * l2
+        finally:
+            model.load_state_dict(origin)
     return {"x": coords, "y": coords, "loss": loss, "weight_decay": weight_decay, "batches": len(batches)}

@@ -57,9 +57,9 @@ def band_limited_noise(
     if band == "measured":
         filtered = torch.fft.ifft2(torch.fft.fft2(delta) * measured_band_mask(size, freq, half_width, x.device)).real
     else:
-        spectrum = torch.roll(torch.fft.fft2(delta), shifts=(size // 2, size // 2), dims=(-2, -1))
+        spectrum = torch.fft.fftshift(torch.fft.fft2(delta), dim=(-2, -1))
         masked = torch.polar(spectrum.abs() * band_mask(size, freq, half_width, x.device), spectrum.angle())
-        filtered = torch.fft.ifft2(torch.roll(masked, shifts=(-(size // 2), -(size // 2)), dims=(-2, -1))).real
+        filtered = torch.fft.ifft2(torch.fft.ifftshift(masked, dim=(-2, -1))).real
     if rms is not None:
         own = filtered.pow(2).mean(dim=(1, 2, 3), keepdim=True).sqrt()
         filtered = filtered * (rms / own.clamp_min(1e-12))

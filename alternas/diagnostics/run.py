@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from alternas.data.augment import make_train_batches
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader
 from alternas.diagnostics import figures
@@ -22,7 +23,6 @@ from alternas.diagnostics.robustness import lesion_study, noise_robustness
 from alternas.diagnostics.similarity import minibatch_cka
 from alternas.errors import ConfigError
 from alternas.fileio import atomic_write_text
-from alternas.train.fit import make_train_batches
 from alternas.train.recipe import Recipe
 
 

@@ -21,12 +21,21 @@ from timm.models._features import feature_take_indices  # timm exports it only f
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from alternas.data.datasets import CIFAR_STATS
 from alternas.errors import ConfigError
 from alternas.models.bases import Base, get_base
-from alternas.models.blocks import CONV_BLOCKS, AttentionPath, LayerType, MSABlock, WindowAttention, attention_path
+from alternas.models.blocks import (
+    CONV_BLOCKS,
+    AttentionPath,
+    LayerType,
+    MSABlock,
+    WindowAttention,
+    attention_path,
+    eval_mode,
+)
 from alternas.placement import Placement, feature_sizes, validate_for_model
 
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)
+CIFAR100_MEAN, CIFAR100_STD = CIFAR_STATS["cifar100"]
 WEIGHT_INIT = "timm-resnet"  # names ``init_weights``; part of every candidate's cache key (another init, other runs)
 SMALL_IMAGE_MAX = 64  # images up to this size get the CIFAR stem (no pooling) and 4x4 windows
 
@@ -114,9 +123,8 @@ class AlterNet(nn.Module):
             window_size=self.window_size,
             stem_pool=self.stem_pool,
         )
-        small = self.img_size <= SMALL_IMAGE_MAX
-        self.mean = tuple(mean or (CIFAR100_MEAN if small else IMAGENET_DEFAULT_MEAN))
-        self.std = tuple(std or (CIFAR100_STD if small else IMAGENET_DEFAULT_STD))
+        input_cfg = data_cfg(self.base, self.img_size, in_chans, self.stem_pool, mean, std)
+        self.mean, self.std = input_cfg["mean"], input_cfg["std"]
         self._layer_names = {k: v for k, v in (("norm_layer", norm_layer), ("act_layer", act_layer),
                                                ("attn_act_layer", attn_act_layer)) if isinstance(v, str)}
         norm, act, attn_act = get_norm_layer(norm_layer), get_act_layer(act_layer), get_act_layer(attn_act_layer)
@@ -408,12 +416,9 @@ def count_flops(model: AlterNet) -> int:
 
     Attention is counted on the math path: not every backend's fused SDPA kernel is known to the counter.
     """
-    was_training = model.training
-    model.eval()
     param = next(model.parameters())
     x = torch.zeros(1, model.in_chans, model.img_size, model.img_size, device=param.device, dtype=param.dtype)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), attention_path(model, "math"), counter:
+    with torch.no_grad(), eval_mode(model), attention_path(model, "math"), counter:
         model(x)
-    model.train(was_training)
     return int(counter.get_total_flops())

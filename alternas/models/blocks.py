@@ -131,6 +131,17 @@ def _sdpa_is_fused(q: torch.Tensor, bias: torch.Tensor) -> bool:
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, its own mode restored afterwards, even on an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def attention_path(model: nn.Module, path: AttentionPath) -> Iterator[nn.Module]:
     """Run every MSA of ``model`` on ``path`` inside the block, restoring each one's own path afterwards."""
     attns = [m for m in model.modules() if isinstance(m, WindowAttention)]

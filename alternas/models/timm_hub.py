@@ -152,18 +152,18 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> None:
 
 def model_from_run(run_dir: str | Path) -> AlterNet:
     """Rebuild a trained model from a run folder (``config.yaml`` model arguments + ``model.safetensors``)."""
-    import yaml
+    from alternas.train.run import read_run_config
 
     run_dir = Path(run_dir)
-    config_path, weights = run_dir / "config.yaml", run_dir / "model.safetensors"
-    if not config_path.is_file() or not weights.is_file():
+    weights = run_dir / "model.safetensors"
+    if not (run_dir / "config.yaml").is_file() or not weights.is_file():
         raise ConfigError(f"{run_dir} is not a finished run (needs config.yaml and model.safetensors)")
+    config = read_run_config(run_dir)
     try:
-        args = dict(yaml.safe_load(config_path.read_text())["model"])
-        model = AlterNet(**args)
-    except (yaml.YAMLError, KeyError, TypeError, ValueError) as err:
-        raise ConfigError(f"{config_path} is damaged ({type(err).__name__}: {err}); re-run the candidate's search "
-                          "to rewrite it") from None
+        model = AlterNet(**dict(config["model"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConfigError(f"{run_dir / 'config.yaml'} is damaged ({type(err).__name__}: {err}); re-run the "
+                          "candidate's search to rewrite it") from None
     load_weights(model, weights)
     return model.eval()
 

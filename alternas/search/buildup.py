@@ -17,7 +17,6 @@ the same decisions.
 
 from __future__ import annotations
 
-import fcntl
 import heapq
 import statistics
 import time
@@ -25,6 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from filelock import FileLock
 
 from alternas.errors import AlternasError
 from alternas.fileio import DAMAGED_RECORD_ERRORS
@@ -760,8 +760,7 @@ def _publish_trajectory(folder: StudyFolder, trajectory: dict) -> None:
     """Several workers write ``trajectory.json``: under a lock, and never with fewer steps than it has (a worker
     whose view lags must not take decisions back)."""
     folder.root.mkdir(parents=True, exist_ok=True)
-    with open(folder.root / ".trajectory.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with FileLock(folder.root / ".trajectory.lock"):
         try:
             current = folder.read_json("trajectory.json")
         except DAMAGED_RECORD_ERRORS:

@@ -16,8 +16,6 @@ the later one's look sees the earlier one, so at most one trains; rarely both gi
 from __future__ import annotations
 
 import base64
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -28,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from alternas.search.buildup import Evaluated, EvaluationRequest
 from alternas.search.evaluator import CandidateResult, warm_recipe
-from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, process_start
+from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, worker_attrs
 from alternas.search.study import StudyConfig
 
 SUFFIX = ":buildup"
@@ -62,7 +60,7 @@ class SharedEvaluations:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(study_name=f"{oc.study_name or config.name}{SUFFIX}", storage=self.storage,
                                          load_if_exists=True, direction="maximize")
-        self.me = {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_started": process_start(os.getpid())}
+        self.me = worker_attrs()
         self._decoded: dict[int, Evaluated] = {}
 
     # -- reading --------------------------------------------------------------------------------------------------
@@ -121,7 +119,10 @@ class SharedEvaluations:
         if not any(t.state == TrialState.WAITING for t in twins):
             self.study.add_trial(self._waiting_trial(request))
             twins = self._trials(request.id)
-        storage = self.study._storage  # the study's own (cached) storage, so its listing sees the claim
+        # The study's own (cached) storage, so that its listing sees the claim. Optuna's public API cannot claim a
+        # chosen WAITING trial (``study.ask`` pops the oldest one), so this uses the storage's compare-and-set, as
+        # ``study.ask`` itself does, through ``_storage`` and ``_trial_id``.
+        storage = self.study._storage
         for trial in sorted((t for t in twins if t.state == TrialState.WAITING), key=lambda t: t.number):
             try:
                 if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):

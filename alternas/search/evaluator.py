@@ -11,20 +11,18 @@ A crash (``failed``: out of memory, a dead worker, a bug) is recorded but retrie
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import shutil
 import time
 import traceback
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+from filelock import FileLock
 from optuna import TrialPruned
 from safetensors.torch import load_file
 
@@ -225,16 +223,10 @@ class Evaluator:
                     shutil.rmtree(self.folder.candidates / key)         # resumes from its checkpoint instead)
             return self._train_and_score(placement, seed, recipe, key, parent, epoch_callback, stop_after)
 
-    @contextmanager
-    def _candidate_lock(self, key: str) -> Iterator[None]:
+    def _candidate_lock(self, key: str) -> FileLock:
         locks = self.folder.candidates / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
-        with open(locks / key, "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return FileLock(locks / key)
 
     def _train_and_score(self, placement: Placement, seed: int, recipe: Recipe, key: str,
                          parent: CandidateResult | None, epoch_callback: EpochCallback | None,
@@ -360,8 +352,7 @@ class Evaluator:
         """``results.csv``: one row per candidate, rebuilt from the per-candidate files under a lock, so a worker
         that read the folder before another one's result landed cannot overwrite the table without that row."""
         self.folder.root.mkdir(parents=True, exist_ok=True)
-        with open(self.folder.root / ".results.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+        with FileLock(self.folder.root / ".results.lock"):
             rows = [r.to_row() for r in self.all_results()]
             return atomic_write(self.folder.root / "results.csv",
                                 lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))

@@ -23,7 +23,7 @@ from alternas.errors import ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
-from alternas.search.storage import JOURNAL, fail_dead_workers, mark_worker, open_storage
+from alternas.search.storage import JOURNAL, fail_dead_workers, open_storage, worker_attrs
 from alternas.search.study import Pruner, Sampler, StudyConfig, StudyFolder
 
 # objective name -> (result attribute, direction)
@@ -147,7 +147,8 @@ class _Objective:
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
-        mark_worker(trial._trial_id, trial.study._storage)
+        for key, value in worker_attrs().items():
+            trial.set_user_attr(key, value)
         try:
             placement, base, window = self.space.sample(trial)
         except InvalidCandidate as err:

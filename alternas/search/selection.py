@@ -65,3 +65,11 @@ def optuna_run(study_dir: str | Path, trial: int | None = None, prefer: str | No
     if not runs:
         raise ConfigError(f"trial {chosen.number} has no finished run to export")
     return max(runs, key=lambda r: r.val_acc or 0.0)
+
+
+def chosen_run(study_dir: str | Path, trial: int | None = None, prefer: str | None = None) -> CandidateResult:
+    """What ``alternas export --study`` exports: Optuna ``trial`` if given, else the build-up's final placement
+    (or, for an Optuna-only study, its best trial, ``prefer`` deciding among several objectives)."""
+    if trial is None and (Path(study_dir) / "trajectory.json").is_file():
+        return best_buildup_run(study_dir)
+    return optuna_run(study_dir, trial, prefer)

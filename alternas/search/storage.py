@@ -64,10 +64,15 @@ def open_storage(folder: Path, url: str | None = None, configured: str | None = 
                       "(sqlite:///PATH, postgresql://USER@HOST/DB, mysql://...) or none for the study's journal file")
 
 
+def worker_attrs() -> dict[str, Any]:
+    """What a trial records of the process that runs it, so that a restarted worker on this host can tell it died."""
+    return {"worker": f"{socket.gethostname()}:{os.getpid()}", "worker_started": process_start(os.getpid())}
+
+
 def mark_worker(trial_id: int, storage: Any) -> None:
-    """Record on a trial which process runs it, so that a restarted worker on this host can tell it died."""
-    storage.set_trial_user_attr(trial_id, "worker", f"{socket.gethostname()}:{os.getpid()}")
-    storage.set_trial_user_attr(trial_id, "worker_started", process_start(os.getpid()))
+    """``worker_attrs`` on a trial claimed outside ``study.optimize`` (the build-up's compare-and-set claim)."""
+    for key, value in worker_attrs().items():
+        storage.set_trial_user_attr(trial_id, key, value)
 
 
 def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: bool = True) -> int:
@@ -84,7 +89,9 @@ def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: 
         worker_host, _, pid = worker.rpartition(":")
         if worker_host != host or not pid.isdigit() or alive(int(pid), trial.user_attrs.get("worker_started")):
             continue
-        try:  # no public API fails another process's trial; this is what Optuna's own stale-trial check does
+        # Optuna has no public API that fails another process's trial (``study.tell`` refuses a trial it did not
+        # start); this is what Optuna's own ``fail_stale_trials`` does, through the same private attributes.
+        try:
             study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker starting at the same time failed it first

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -222,6 +222,29 @@ def load_study(path: str | os.PathLike) -> StudyConfig:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
     return study_from_dict(raw or {}, str(path))
+
+
+def study_for_command(study_file: str | os.PathLike | None, overrides: dict[str, Any],
+                      recipe: str | None = None) -> StudyConfig:
+    """A study as a search command means it: the file's (or, without one, a default named after the data and base:
+    ``tiny`` and the ``fast`` recipe on the built-in datasets, ``resnet50`` and ``paper`` elsewhere), with dotted
+    ``overrides`` on top (``None`` values ignored). A ``recipe`` preset replaces the whole recipe, keeping only an
+    overridden ``recipe.epochs``."""
+    if study_file:
+        config = load_study(study_file)
+    else:
+        data = overrides.get("data.name") or "shapes"
+        base = overrides.get("base")
+        builtin = data in ("shapes", "textures")
+        default_name = f"{data.replace(':', '-').replace('/', '-')}-{base or 'resnet50'}"
+        config = study_from_dict({"name": overrides.get("name") or default_name,
+                                  "base": base or ("tiny" if builtin else "resnet50"),
+                                  "recipe": "fast" if builtin else "paper", "data": {"name": data}}, "command line")
+    if recipe is None:
+        return with_overrides(config, overrides)
+    epochs = overrides.get("recipe.epochs")
+    config = with_overrides(config, {k: v for k, v in overrides.items() if not k.startswith("recipe.")})
+    return replace(config, recipe=get_recipe(recipe, {"epochs": epochs} if epochs else None))
 
 
 def with_overrides(config: StudyConfig, overrides: dict[str, Any]) -> StudyConfig:

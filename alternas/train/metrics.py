@@ -12,6 +12,8 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from alternas.models.blocks import eval_mode
+
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:
     """ECE with equal-width confidence bins: sum over bins of |accuracy - confidence| weighted by bin share."""
@@ -39,11 +41,9 @@ def predict(
 
     With ``amp_dtype`` the body runs in that precision but a model with a timm-style ``forward_head`` gets its
     head in fp32: NLL and ECE of bf16 logits (8 bits of mantissa) would be quantised."""
-    was_training = model.training
-    model.eval()
     logits_all, labels_all = [], []
     autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-    try:
+    with eval_mode(model):
         for x, y in batches:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if channels_last:
@@ -56,8 +56,6 @@ def predict(
                 with autocast:
                     logits_all.append(model(x).float())
             labels_all.append(y)
-    finally:
-        model.train(was_training)
     return torch.cat(logits_all), torch.cat(labels_all)
 
 

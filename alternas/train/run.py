@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
+import yaml
 
 from alternas.data.datasets import DataSplits
+from alternas.errors import ConfigError
 from alternas.models import AlterNet, build_model
 from alternas.placement import Placement
 from alternas.train.recipe import Recipe
@@ -33,3 +38,28 @@ def model_for(
 def run_config(model: AlterNet, data_config: dict) -> dict:
     """What ``config.yaml`` records besides the recipe: the model's rebuild arguments and the data settings."""
     return {"model": {**model.model_args, "drop_path_rate": model.drop_path_rate}, "data_config": data_config}
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """A run folder's ``config.yaml`` (model arguments, recipe, data settings), with a one-line error when it is
+    missing or damaged."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run folder (no config.yaml); train one with `alternas train`")
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is damaged ({type(err).__name__}); re-run the candidate's search to rewrite it") \
+            from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is damaged (not a mapping); re-run the candidate's search to rewrite it")
+    return saved
+
+
+def run_weights(run_dir: str | Path) -> Path:
+    """The weights a run folder holds: the final ``model.safetensors``, else its last checkpoint's."""
+    from alternas.train.checkpoint import load_state
+
+    final = Path(run_dir) / "model.safetensors"
+    state = None if final.is_file() else load_state(Path(run_dir) / "checkpoint")
+    return Path(run_dir) / "checkpoint" / state["weights"] if state else final

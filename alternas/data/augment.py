@@ -1,0 +1,79 @@
+"""The training-time input pipeline of a recipe: batches with the recipe's augmentations (the in-memory tensor
+path or the reference's per-sample PIL path), minus those that change a dataset's labels.
+
+Shared by training and by the diagnostics that measure the augmented training loss (the paper's Hessian).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from alternas.data.datasets import DataSplits
+from alternas.data.loader import TensorLoader, pil_loader
+from alternas.errors import ConfigError
+
+if TYPE_CHECKING:  # alternas.train imports this module
+    from alternas.train.recipe import Recipe
+
+
+def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
+    """The recipe's training batches: full batches only (a one-image last batch would be empty after Mixup's
+    even trim, and BatchNorm statistics of a handful of images are noise), as many on every rank."""
+    if recipe.uses_pil_pipeline:
+        batches = pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
+                             workers=recipe.workers, seed=seed, rank=rank, world=world, drop_last=True)
+    else:
+        batches = TensorLoader(data.train, recipe.batch_size, mean=data.mean, std=data.std, device=device,
+                               shuffle=True, crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0,
+                               flip=recipe.flip and data.allows("hflip"), drop_last=True, seed=seed, rank=rank,
+                               world=world)
+    if len(batches) == 0:
+        per_rank = f" per process ({world} processes)" if world > 1 else ""
+        raise ConfigError(f"the training set has {len(data.train) // world} images{per_rank}, fewer than "
+                          f"recipe.batch_size {recipe.batch_size}; lower the batch size or use more data")
+    return batches
+
+
+_RANDAUGMENT_OPS = {"rotate": ("Rotate",), "shear": ("ShearX", "ShearY")}
+
+
+def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any:
+    """timm's RandAugment with the ops ``data`` forbids taken out of its op list (and of its weights, if any)."""
+    banned = {op for aug, ops in _RANDAUGMENT_OPS.items() if not data.allows(aug) for op in ops}
+    keep = [i for i, op in enumerate(randaugment.ops) if op.name not in banned]
+    if randaugment.choice_weights is not None:
+        weights = [randaugment.choice_weights[i] for i in keep]
+        randaugment.choice_weights = [w / sum(weights) for w in weights]
+    randaugment.ops = [randaugment.ops[i] for i in keep]
+    return randaugment
+
+
+def build_train_transform(recipe: Recipe, data: DataSplits):
+    """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing;
+    without the flips, rotations and shears that change ``data``'s labels (``DataSplits.label_breaking``)."""
+    from timm.data.auto_augment import rand_augment_transform
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+
+    size = data.image_size
+    steps: list[Any] = []
+    if recipe.crop == "resized":
+        steps.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC))
+    elif recipe.crop_padding:
+        steps.append(T.RandomCrop(size, padding=recipe.crop_padding))
+    if recipe.flip and data.allows("hflip"):
+        steps.append(T.RandomHorizontalFlip(0.5))
+    if recipe.randaugment:
+        # no "interpolation" key: timm then picks bilinear or bicubic at random per op, as the reference did
+        hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in data.mean)}
+        steps.append(_without_label_breaking_ops(rand_augment_transform(recipe.randaugment, hparams), data))
+    steps += [T.ToTensor(), T.Normalize(data.mean, data.std)]
+    if recipe.random_erasing > 0:
+        steps.append(RandomErasing(recipe.random_erasing, mode="const", max_count=1, device="cpu"))
+    return T.Compose(steps)
+
+
+def eval_batches(data, split_data, batch_size: int, device: torch.device) -> TensorLoader:
+    return TensorLoader(split_data, batch_size, mean=data.mean, std=data.std, device=device)
