@@ -155,7 +155,7 @@ def test_norm_and_act_layers_by_name_survive_export(tmp_path) -> None:
 
 
 def test_standard_initialisation() -> None:
-    model = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32)
+    model = timm.create_model("alternet50_cifar100")
     conv = model.stages[2][3].conv2  # 3x3, 256 -> 256
     assert conv.weight.std().item() == pytest.approx((2 / (9 * 256)) ** 0.5, rel=0.02)
     assert model.fc.weight.std().item() == pytest.approx(0.01, rel=0.05) and not model.fc.bias.any()
@@ -163,6 +163,10 @@ def test_standard_initialisation() -> None:
     assert table.std().item() == pytest.approx(0.02, rel=0.5)  # the paper's N(0, 0.02²), 7x7 values
     norm = model.stages[1][0].norm1
     assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and not norm.bias.any()
+    searched = build_model("CCC,CCCM,CCCCCM,CMCM", "resnet50", num_classes=100, image_size=32)  # torch's defaults
+    assert searched.stages[2][3].conv2.weight.std().item() == pytest.approx((1 / (3 * 9 * 256)) ** 0.5, rel=0.02)
+    with pytest.raises(ConfigError, match="weight_init"):
+        build_model("C,C,C,C", "tiny", image_size=32, weight_init="xavier")
 
 
 def test_an_exported_folder_gives_features_at_chosen_levels(tmp_path) -> None:

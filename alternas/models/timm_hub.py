@@ -62,6 +62,7 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> AlterNet:
     if "num_classes" in kwargs:
         overlay["num_classes"] = kwargs["num_classes"]
     overlay |= kwargs.pop("pretrained_cfg_overlay", None) or {}
+    kwargs.setdefault("weight_init", "timm")  # timm's ResNet init for timm users; searches keep torch's defaults
     # stem and stage outputs are the feature levels; FeatureListNet finds them inside the Sequentials
     return build_model_with_cfg(AlterNet, variant, pretrained, pretrained_cfg_overlay=overlay,
                                 feature_cfg={"flatten_sequential": True}, **kwargs)

@@ -32,7 +32,6 @@ from alternas.errors import AlternasError
 from alternas.faults import fault_point
 from alternas.fileio import DAMAGED_RECORD_ERRORS, atomic_write, atomic_write_text
 from alternas.models import count_flops, count_parameters
-from alternas.models.alternet import WEIGHT_INIT
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.search.study import StudyConfig, StudyFolder
@@ -115,7 +114,7 @@ def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, see
         data["label_breaking"] = list(config.data.breaks_labels)
     payload = {"placement": str(placement), "base": base_architecture(config.base),
                "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
-               "parent": parent, "init": WEIGHT_INIT}
+               "parent": parent}
     return _digest(payload)
 
 
