@@ -21,6 +21,5 @@ alternas arch CC,CM,CM,CM --base tiny --num-classes 10 --image-size 32 | tail -1
 alternas optuna --base tiny --data shapes --subset 200 --epochs 1 --trials 1 --out "$work/study" --quiet
 test -f "$work/study/report.html"
 # the README's main command names studies/quickstart.yaml: outside a checkout it is the shipped template
-alternas buildup --study studies/quickstart.yaml --help >/dev/null
 python -c "from alternas.search.study import load_study; print('template:', load_study('quickstart').name)"
 echo "package check: OK"

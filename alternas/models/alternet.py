@@ -39,6 +39,11 @@ CIFAR100_MEAN, CIFAR100_STD = CIFAR_STATS["cifar100"]
 SMALL_IMAGE_MAX = 64  # images up to this size get the CIFAR stem (no pooling) and 4x4 windows
 
 
+def default_stem_pool(image_size: int) -> bool:
+    """ImageNet-sized inputs get the 7x7/2 conv + max-pool stem; CIFAR-sized ones a 3x3/1 conv (PAPER.md §1.1)."""
+    return image_size > SMALL_IMAGE_MAX
+
+
 def default_window_size(image_size: int) -> int:
     """4 for CIFAR-sized inputs (the only size >1 tiling 16/8/4 maps), 7 for ImageNet-sized (PAPER.md §1.4)."""
     return 4 if image_size <= SMALL_IMAGE_MAX else 7
@@ -113,7 +118,7 @@ class AlterNet(nn.Module):
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.window_size = window_size or default_window_size(self.img_size)
-        self.stem_pool = self.img_size > SMALL_IMAGE_MAX if stem_pool is None else stem_pool
+        self.stem_pool = default_stem_pool(self.img_size) if stem_pool is None else stem_pool
         self.drop_path_rate = drop_path_rate
         self.grad_checkpointing = False
         validate_for_model(
@@ -180,7 +185,7 @@ class AlterNet(nn.Module):
         self.final_norm = norm(channels)
         self.final_act = act()
         self.global_pool, self.fc = create_classifier(channels, num_classes, pool_type=global_pool)
-        self.pretrained_cfg = self._default_cfg()
+        self.pretrained_cfg = {"architecture": "alternet", **input_cfg, "num_classes": num_classes}
         if weight_init == "timm":
             self.init_weights()
         elif weight_init != "torch":
@@ -201,10 +206,6 @@ class AlterNet(nn.Module):
         named_apply(_init_module, self)
 
     # -- timm interface ------------------------------------------------------------------------------------------
-    def _default_cfg(self) -> dict[str, Any]:
-        return {"architecture": "alternet", **data_cfg(self.base, self.img_size, self.in_chans, self.stem_pool,
-                                                       self.mean, self.std), "num_classes": self.num_classes}
-
     @property
     def default_cfg(self) -> dict[str, Any]:
         """timm's older name for ``pretrained_cfg``: one dict, so the two can never disagree."""
@@ -356,7 +357,7 @@ def data_cfg(
     and timm's feature wrappers read): known before the model is built, so the registry and the model agree."""
     size = _as_size(img_size)
     small = size <= SMALL_IMAGE_MAX
-    pool = size > SMALL_IMAGE_MAX if stem_pool is None else stem_pool
+    pool = default_stem_pool(size) if stem_pool is None else stem_pool
     final = feature_sizes(size, get_base(base).num_stages, pool)[-1]
     return {
         "input_size": (in_chans, size, size),

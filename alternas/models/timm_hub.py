@@ -68,11 +68,6 @@ def _create(variant: str, pretrained: bool, **kwargs: Any) -> AlterNet:
                                 feature_cfg={"flatten_sequential": True}, **kwargs)
 
 
-def _reference(variant: str, base: str, pretrained: bool, kwargs: dict[str, Any]) -> AlterNet:
-    """The reference code's ``dnn_*`` default: ``num_blocks2`` of the base on its AlterNet depths."""
-    return _create(variant, pretrained, base=base, **kwargs)
-
-
 @register_model
 def alternet(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Generic AlterNet: ``placement=`` and ``base=`` (e.g. ``placement="CC,CM,CM,CM", base="resnet18"``).
@@ -86,31 +81,31 @@ def alternet(pretrained: bool = False, **kwargs: Any) -> AlterNet:
 @register_model
 def alternet18(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Reference ``dnn_18``: ResNet-18 base, MSA counts (0, 1, 1, 1)."""
-    return _reference("alternet18", "resnet18", pretrained, kwargs)
+    return _create("alternet18", pretrained, base="resnet18", **kwargs)
 
 
 @register_model
 def alternet34(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Reference ``dnn_34``: ResNet-34 base (3, 4, 6, 4), MSA counts (0, 1, 3, 2)."""
-    return _reference("alternet34", "resnet34", pretrained, kwargs)
+    return _create("alternet34", pretrained, base="resnet34", **kwargs)
 
 
 @register_model
 def alternet50(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Reference ``dnn_50`` (the ImageNet AlterNet-50): (3, 4, 6, 4) blocks, MSA counts (0, 1, 3, 2)."""
-    return _reference("alternet50", "resnet50", pretrained, kwargs)
+    return _create("alternet50", pretrained, base="resnet50", **kwargs)
 
 
 @register_model
 def alternet101(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Reference ``dnn_101``: (3, 4, 23, 4) blocks, MSA counts (0, 1, 3, 2)."""
-    return _reference("alternet101", "resnet101", pretrained, kwargs)
+    return _create("alternet101", pretrained, base="resnet101", **kwargs)
 
 
 @register_model
 def alternet152(pretrained: bool = False, **kwargs: Any) -> AlterNet:
     """Reference ``dnn_152``: (3, 8, 36, 4) blocks, MSA counts (0, 1, 3, 2)."""
-    return _reference("alternet152", "resnet152", pretrained, kwargs)
+    return _create("alternet152", pretrained, base="resnet152", **kwargs)
 
 
 @register_model
