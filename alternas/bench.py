@@ -22,7 +22,12 @@ from alternas.train.fit import pick_device, training_autocast, training_memory_f
 
 
 def _interleaved(arms: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
-    """Median of each arm's measurement over ``rounds`` alternating rounds (one warm-up round discarded)."""
+    """Median of each arm's measurement over ``rounds`` alternating rounds (one warm-up round discarded).
+
+    Not ``torch.utils.benchmark``: its ``Timer`` measures one statement in a block of its own (arms measured one
+    after the other, so a noisy neighbour hits one arm and not the other), pins torch to one thread unless told
+    otherwise, and warms up before every measurement; alternating whole arms is what makes ratios trustworthy on a
+    shared machine. ``_seconds`` does the one thing it would add, the accelerator sync around the timed call."""
     for fn in arms.values():
         fn()
     samples: dict[str, list[float]] = {k: [] for k in arms}

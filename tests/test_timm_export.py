@@ -72,3 +72,21 @@ def test_cli_export_with_checkpoint_loads_in_a_fresh_timm_process(tmp_path) -> N
     res = run_cli("export", "--base", "tiny", "--placement", "CC,CM,CM,CM", "--num-classes", "3", "--image-size",
                   "32", "--checkpoint", str(tmp_path / "weights.safetensors"), "--out", str(tmp_path / "e2"))
     assert res.returncode == 2 and "does not fit this architecture" in res.stderr
+
+
+def test_load_weights_reads_wrapped_checkpoints_and_refuses_others_in_one_line(tmp_path) -> None:
+    from alternas.models.timm_hub import load_weights
+
+    source = build_model("CC,CM,CM,CM", "tiny", num_classes=4, image_size=32)
+    ddp = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}
+    torch.save(ddp, tmp_path / "ddp.pth")
+    target = build_model("CC,CM,CM,CM", "tiny", num_classes=4, image_size=32)
+    load_weights(target, tmp_path / "ddp.pth")
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), target.state_dict().values()))
+
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    for name in ("junk.pth", "tensor.pth"):
+        with pytest.raises(ConfigError, match="damaged or not a weights file") as err:
+            load_weights(target, tmp_path / name)
+        assert "\n" not in str(err.value)

@@ -10,9 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model, save_for_hf
+from timm.models import (
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    load_state_dict,
+    register_model,
+    save_for_hf,
+)
 
 from alternas.errors import ConfigError
 from alternas.fileio import DAMAGED_FILE_ERRORS
@@ -118,17 +124,15 @@ def alternet50_cifar100(pretrained: bool = False, **kwargs: Any) -> AlterNet:
 
 # -- export / load ---------------------------------------------------------------------------------------------------
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load weights safely: safetensors, or a torch checkpoint with ``weights_only=True``."""
+    """Load weights safely (timm's reader: safetensors, or a torch checkpoint with ``weights_only=True``, unwrapped
+    from a ``state_dict``/``model`` entry and DDP's ``module.`` prefix), checking the fit ourselves: timm's
+    ``load_checkpoint`` reports a mismatch as PyTorch's multi-line key listing, not one line a user can act on."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        if path.suffix == ".safetensors":
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            state = state.get("model", state.get("state_dict", state)) if isinstance(state, dict) else state
-    except DAMAGED_FILE_ERRORS as err:
+        state = load_state_dict(str(path), use_ema=False)
+    except (*DAMAGED_FILE_ERRORS, AttributeError) as err:  # AttributeError: a pickle that holds no mapping
         raise ConfigError(f"checkpoint {path} is damaged or not a weights file ({type(err).__name__}); "
                           "re-run the candidate's search to rewrite it, or give another file") from None
     if not isinstance(state, dict):

@@ -119,14 +119,12 @@ def run_optuna(
     if config.data.val_fraction == 0:
         log(SELECTS_ON_TEST)
     fail_dead_workers(study, log)  # failed and re-queued now, so that they do not count as running below
-    existing = {str(t.params) for t in study.get_trials(deepcopy=False)}
     for label, placement in _known_placements(config, space):
         params = space.encode(placement)
         if params is None:
             log(f"not enqueued: the {label} placement {placement} is outside {space.source}")
-        elif str(params) not in existing:
+        else:  # skipped when any trial (this run's or a resumed study's, in any state) already has these params
             study.enqueue_trial(params, user_attrs={"enqueued": label}, skip_if_exists=True)
-            existing.add(str(params))
     objective = _Objective(config, space, names, multi, quiet, log, retry_failed)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     remaining = trials - len(study.get_trials(deepcopy=False, states=counted))

@@ -83,6 +83,10 @@ class Recipe:
 
         Warmup epochs ramp per iteration as ``lr * t / (warmup * steps)``, t from 0; then the schedule steps per
         epoch (the reference's WarmupScheduler + CosineAnnealingLR(T_max=epochs, eta_min=0)).
+
+        Not timm's schedulers: they count warmup and decay in one unit (epochs, or updates with the cosine then
+        decaying per update too), while the reference ramps per iteration and decays per epoch. A pure function of
+        (epoch, step) also needs no scheduler state in checkpoints: a resumed run recomputes the same rate.
         """
         if epoch < self.warmup_epochs:
             return self.lr * (epoch * steps_per_epoch + step) / (self.warmup_epochs * steps_per_epoch)
