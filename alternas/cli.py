@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AlternasError as err:
-            click.echo(f"alternas: error: {err}", err=True)
+            click.echo(f"alternas: error: {err.one_line()}", err=True)
             sys.exit(2)
         except click.UsageError as err:
             command = err.ctx.command_path if err.ctx else "alternas"
@@ -160,6 +159,11 @@ def _data_options(func: Any) -> Any:
                      help="Train on a class-balanced subset: a fraction (0-1] or a number of images."),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
                      help="Share of the training set held out for validation (seeded)."),
+        click.option("--image-size", type=click.IntRange(min=8), default=None,
+                     help="imagefolder: the input size images are resized and cropped to (default 32)."),
+        click.option("--stream", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+                     help="imagefolder: decode per sample from disk instead of into memory (auto: when larger "
+                          "than 4 GiB decoded)."),
     ]):
         func = option(func)
     return func
@@ -186,7 +190,8 @@ def _data_options(func: Any) -> Any:
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def train(placement: str, base: str, window_size: int | None, data_name: str, data_root: str | None,
-          subset: float | None, val_fraction: float, recipe_name: str, recipe_file: str | None, epochs: int | None,
+          subset: float | None, val_fraction: float, image_size: int | None, stream: str, recipe_name: str,
+          recipe_file: str | None, epochs: int | None,
           batch_size: int | None, lr: float | None, sets: tuple[str, ...], out_dir: str, resume: bool, seed: int,
           device: str | None, compile_model: bool, deterministic: bool, quiet: bool) -> None:
     """Train one AlterNet and write metrics, checkpoints and weights to --out."""
@@ -206,7 +211,8 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
     overrides.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v})
     overrides.update(_parse_sets(sets))
     recipe = get_recipe(recipe_name, overrides)
-    data_cfg = DataConfig(data_name, root=data_root, subset=subset, val_fraction=val_fraction, seed=seed)
+    data_cfg = DataConfig(data_name, root=data_root, subset=subset, val_fraction=val_fraction, seed=seed,
+                          image_size=image_size, stream=stream)
     data = load_data(data_cfg)
     model = model_for(placement, base, data, recipe, window_size, seed=seed)
     is_main = int(__import__("os").environ.get("RANK", "0")) == 0
@@ -260,49 +266,20 @@ def diagnose(run_dir: str | None, placement: str | None, base: str | None, windo
              hessian_k: int | None, no_augment: bool,
              no_l2: bool, device: str | None, out_dir: str | None, as_json: bool) -> None:
     """Diagnose a trained model: a run folder (RUN_DIR) or --placement/--base/--checkpoint."""
-    from alternas.data import DataConfig, load_data
-    from alternas.diagnostics import diagnose as run_diagnostics
-    from alternas.diagnostics.run import DIAGNOSTICS_PRESETS
-    from alternas.models.timm_hub import load_weights
-    from alternas.train import get_recipe, pick_device
-    from alternas.train.recipe import Recipe
-    from alternas.train.run import model_for, read_run_config, run_weights
+    from alternas.diagnostics.run import diagnose_trained, headline, select_diagnostics
 
-    saved: dict[str, Any] = {}
-    if run_dir:
-        saved = read_run_config(run_dir)
-        checkpoint = checkpoint or str(run_weights(run_dir))
-    elif placement is None:
+    if run_dir is None and placement is None:
         raise click.UsageError("give RUN_DIR, or --placement (with --base and --checkpoint)")
-    model_args = saved.get("model", {})
-    recipe = (get_recipe(recipe_name) if recipe_name else
-              Recipe.from_dict(saved["recipe"]) if "recipe" in saved else get_recipe("fast"))
-    data_cfg = DataConfig(**saved["data_config"]) if "data_config" in saved else DataConfig("shapes")
-    data_cfg = DataConfig(data_name or data_cfg.name, root=data_root or data_cfg.root,
-                          subset=subset if subset is not None else data_cfg.subset,
-                          val_fraction=data_cfg.val_fraction, seed=data_cfg.seed, image_size=data_cfg.image_size,
-                          label_breaking=data_cfg.label_breaking)
-    data = load_data(data_cfg)
-    model = model_for(placement or model_args.get("placement"), base or model_args.get("base", "resnet50"), data,
-                      recipe, window_size or model_args.get("window_size"))
-    if checkpoint:
-        load_weights(model, checkpoint)
-    model = model.to(pick_device(device))
-    chosen = {"hessian": hessian, "fourier": fourier or variance, "noise": noise, "lesion": lesion,
-              "landscape": landscape, "trace": trace, "cka": cka}
-    base_config = DIAGNOSTICS_PRESETS[preset or "default"]
-    if not any(chosen.values()):
-        chosen = {k: getattr(base_config, k) for k in chosen} if preset else {**chosen, "hessian": True,
-                                                                              "fourier": True}
-    extra = {k: v for k, v in {"hessian_batches": hessian_batches, "hessian_k": hessian_k}.items() if v}
-    config = replace(base_config, **chosen, **extra, augment=not no_augment, l2=not no_l2, at_epochs=())
-    target = out_dir or (str(Path(run_dir) / "diagnostics") if run_dir else "diagnostics")
-    result = run_diagnostics(model, data, recipe, config, out_dir=target, label=str(model.placement))
-    summary = {k: result[k] for k in ("lambda_max", "nep", "ape", "delta_high", "hessian_trace") if k in result}
-    if noise:
-        summary["noise_delta_acc"] = dict(zip(result["noise"]["frequencies"], result["noise"]["delta_acc"]))
+    config = select_diagnostics(preset, {"hessian": hessian, "fourier": fourier or variance, "noise": noise,
+                                         "lesion": lesion, "landscape": landscape, "trace": trace, "cka": cka},
+                                hessian_batches=hessian_batches, hessian_k=hessian_k, augment=not no_augment,
+                                l2=not no_l2)
+    done = diagnose_trained(run_dir, placement=placement, base=base, window_size=window_size, checkpoint=checkpoint,
+                            recipe=recipe_name, config=config, device=device, out_dir=out_dir,
+                            data={"name": data_name, "root": data_root, "subset": subset})
+    summary, target = headline(done.result), done.out_dir
     if as_json:
-        click.echo(json.dumps({"placement": str(model.placement), **summary, "out": target}))
+        click.echo(json.dumps({"placement": str(done.model.placement), **summary, "out": str(target)}))
     else:
         for key, value in summary.items():
             click.echo(f"{key:>16}: {value}")

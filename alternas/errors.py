@@ -53,6 +53,14 @@ def _adapter(annotation: Any) -> Any:
 class AlternasError(Exception):
     """Base of every error caused by user input rather than by a bug."""
 
+    def one_line(self) -> str:
+        """The message a user reads. A DataLoader worker's error comes back wrapped, with the worker's traceback
+        in its text; the original message is that traceback's last line."""
+        message = str(self)
+        if "Original Traceback" in message:
+            message = message.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        return message
+
 
 class PlacementError(AlternasError, ValueError):
     """A placement string that cannot describe an AlterNet for the chosen base and image size."""

@@ -81,18 +81,26 @@ def small_study(tmp_path: Path, **overrides) -> dict:
     return raw
 
 
-def write_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48)) -> None:
+def write_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: tuple[int, int] = (40, 48),
+                      ext: str = "png", val_per_class: int | None = None) -> None:
+    """torchvision's ImageFolder layout, ``train/`` and ``val/``; class c is drawn brighter than c - 1."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split, count in (("train", per_class), ("val", val_per_class or per_class)):
         for c in range(classes):
             d = root / split / f"class_{c}"
             d.mkdir(parents=True)
-            for i in range(per_class):
+            for i in range(count):
                 arr = np.full((size[1], size[0], 3), 40 + 80 * c, dtype=np.uint8)
                 arr += rng.integers(0, 20, arr.shape, dtype=np.uint8)
-                Image.fromarray(arr).save(d / f"img_{i}.png")
+                Image.fromarray(arr).save(d / f"img_{i}.{ext}")
+
+
+def interrupt_after_first_epoch(epoch: int, _: dict) -> None:
+    """A ``fit`` epoch callback: Ctrl-C as the first epoch ends (its checkpoint written)."""
+    if epoch == 0:
+        raise KeyboardInterrupt
 
 
 def kill_mid_candidate(proc: subprocess.Popen, candidates: Path, after_finished: int = 0,

@@ -14,7 +14,7 @@ from alternas.data.loader import normalize
 from alternas.errors import ConfigError
 from alternas.train import PRESETS, Recipe, fit, get_recipe
 from alternas.train.run import model_for
-from tests.helpers import run_cli
+from tests.helpers import interrupt_after_first_epoch, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +114,9 @@ def test_resume_continues_with_identical_results(tmp_path, textures) -> None:
     recipe = get_recipe("fast", {"epochs": 2, "warmup_epochs": 1, "drop_path": 0.1})
     straight = fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "a", quiet=True)
 
-    def stop_after_first(epoch: int, _: dict) -> None:
-        if epoch == 0:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
         fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True,
-            epoch_callback=stop_after_first)
+            epoch_callback=interrupt_after_first_epoch)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["status"] == "interrupted"
     with pytest.raises(ConfigError, match="pass --resume"):
         fit(model_for("CC,CM,CM,CM", "tiny", textures, recipe), textures, recipe, tmp_path / "b", quiet=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from alternas.data.datasets import DataSplits
+from alternas.data.datasets import DataSplits, ImageData, ImageFiles
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # alternas.train imports this module
 def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
     """The recipe's training batches: full batches only (a one-image last batch would be empty after Mixup's
     even trim, and BatchNorm statistics of a handful of images are noise), as many on every rank."""
-    if recipe.uses_pil_pipeline:
+    if recipe.uses_pil_pipeline or data.streamed:
         batches = pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
                              workers=recipe.workers, seed=seed, rank=rank, world=world, drop_last=True)
     else:
@@ -52,13 +52,18 @@ def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any:
 
 def build_train_transform(recipe: Recipe, data: DataSplits):
     """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing;
-    without the flips, rotations and shears that change ``data``'s labels (``DataSplits.label_breaking``)."""
+    without the flips, rotations and shears that change ``data``'s labels (``DataSplits.label_breaking``).
+
+    On streamed data the input is the original image: RandomResizedCrop cuts from all of it (as the paper's
+    ImageNet recipe does), a padded crop from its centre square (what in-memory training images hold)."""
     from timm.data.auto_augment import rand_augment_transform
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
 
     size = data.image_size
     steps: list[Any] = []
+    if data.streamed and recipe.crop != "resized":
+        steps += data.train.eval_crop(crop_pct=1.0)
     if recipe.crop == "resized":
         steps.append(T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC))
     elif recipe.crop_padding:
@@ -75,5 +80,15 @@ def build_train_transform(recipe: Recipe, data: DataSplits):
     return T.Compose(steps)
 
 
-def eval_batches(data, split_data, batch_size: int, device: torch.device) -> TensorLoader:
-    return TensorLoader(split_data, batch_size, mean=data.mean, std=data.std, device=device)
+def eval_batches(data: DataSplits, split: ImageData | ImageFiles, batch_size: int, device: torch.device | str, *,
+                 workers: int = 0, shuffle: bool = False, drop_last: bool = False, seed: int = 0):
+    """Normalised batches of ``split`` without augmentation: the in-memory tensor loader, or for images on disk a
+    DataLoader (``workers`` processes) that decodes each one through the evaluation crop."""
+    if isinstance(split, ImageFiles):
+        from torchvision import transforms as T
+
+        transform = T.Compose([*split.eval_crop(), T.ToTensor(), T.Normalize(data.mean, data.std)])
+        return pil_loader(split, transform, batch_size, shuffle=shuffle, workers=workers, seed=seed,
+                          drop_last=drop_last)
+    return TensorLoader(split, batch_size, mean=data.mean, std=data.std, device=device, shuffle=shuffle,
+                        drop_last=drop_last, seed=seed)

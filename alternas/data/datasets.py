@@ -1,21 +1,32 @@
-"""Dataset registry: every dataset becomes uint8 image tensors in memory, split into train / val / test.
+"""Dataset registry: every dataset becomes labelled images split into train / val / test.
 
 Names: ``cifar10``, ``cifar100`` (torchvision's download, read from the python-pickle files), ``imagefolder:PATH``
-(``PATH/train`` and ``PATH/val`` with one sub-folder per class, resized to ``image_size``), and the built-in
-``shapes`` / ``textures`` (see ``synthetic.py``). The validation split is carved from the training set (seeded,
-class-balanced) so that searches never select on the test set.
+(``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules), and
+the built-in ``shapes`` / ``textures`` (see ``synthetic.py``). The validation split is carved from the training set
+(seeded, class-balanced) so that searches never select on the test set.
+
+A split is held one of two ways. ``ImageData``: uint8 tensors in memory (the fast path: the tensor loader augments
+whole batches). ``ImageFiles``: paths left on disk and decoded per sample by DataLoader workers, for image folders
+larger than ``DataConfig.max_in_memory_gb`` (``stream: auto``) or when asked (``stream: always``); the recipe's
+transforms then run on the original images (RandomResizedCrop on the full picture, evaluation by resize to
+``image_size / crop_pct`` and centre crop: the paper's resize-256 / crop-224).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import math
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import DataLoader, Dataset
 
 from alternas.data import synthetic
 from alternas.errors import DataError
@@ -60,6 +71,131 @@ class ImageData:
     def take(self, index: torch.Tensor) -> ImageData:
         return ImageData(self.images[index], self.labels[index])
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    def load(self) -> ImageData:
+        """Already in memory (``ImageFiles.load`` decodes; diagnostics call either)."""
+        return self
+
+    def samples(self, transform: Any) -> Dataset:
+        """A map-style dataset of (``transform(PIL image)``, label): the reference's per-sample pipeline."""
+        return _TensorImages(self, transform)
+
+    def digest(self) -> str:
+        """A short content hash of the images and labels, in order (evidence files name their split by it)."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.labels.cpu().numpy()).tobytes())
+        h.update(np.ascontiguousarray(self.images.cpu().numpy()).tobytes())
+        return h.hexdigest()[:16]
+
+
+@dataclass
+class ImageFiles:
+    """A labelled image set left on disk: decoded per sample when a loader asks, so its size is bounded by the disk,
+    not by memory. ``image_size`` and ``crop_pct`` say how an image is evaluated (``eval_crop``)."""
+
+    root: str
+    paths: list[str]
+    labels: torch.Tensor
+    image_size: int
+    crop_pct: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise DataError(f"{len(self.paths)} image files but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: torch.Tensor) -> ImageFiles:
+        return ImageFiles(self.root, [self.paths[i] for i in index.tolist()], self.labels[index], self.image_size,
+                          self.crop_pct)
+
+    def decoded_bytes(self) -> int:
+        """What this set takes as in-memory uint8 tensors."""
+        return len(self) * 3 * self.image_size**2
+
+    def eval_crop(self, crop_pct: float | None = None) -> list[Any]:
+        """Resize the shorter side to ``image_size / crop_pct`` (bicubic) and centre-crop ``image_size``: timm's and
+        the paper's evaluation transform (224 px at 0.875: resize 256, crop 224); ``crop_pct`` 1 keeps the whole
+        centre square, which is what the in-memory training images hold."""
+        from torchvision import transforms as T
+
+        scale = math.floor(self.image_size / (crop_pct or self.crop_pct))
+        return [T.Resize(scale, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.image_size)]
+
+    def samples(self, transform: Any) -> Dataset:
+        return _FileImages(self, transform)
+
+    def load(self, crop_pct: float | None = None) -> ImageData:
+        """Decode every image through ``eval_crop(crop_pct)`` into one uint8 tensor (DataLoader workers decode; the
+        tensor is allocated first, so a set that does not fit fails at once, not after decoding)."""
+        from torchvision import transforms as T
+
+        size = self.image_size
+        transform = T.Compose([*self.eval_crop(crop_pct), T.PILToTensor()])
+        workers = min(8, os.cpu_count() or 1) if len(self) >= 512 else 0  # below that, starting workers costs more
+        try:
+            images = torch.empty((len(self), 3, size, size), dtype=torch.uint8)
+            start = 0
+            for x, _ in DataLoader(self.samples(transform), batch_size=64, num_workers=workers):
+                images[start : start + len(x)] = x
+                start += len(x)
+        except (RuntimeError, MemoryError) as err:
+            if not isinstance(err, MemoryError) and "allocate" not in str(err):
+                raise
+            raise DataError(f"imagefolder:{self.root}: {len(self)} images at {size}px need "
+                            f"{self.decoded_bytes() / 2**30:.2f} GiB in memory, more than this process can "
+                            "allocate; stream them from disk instead (data.stream: auto or always)") from None
+        return ImageData(images, self.labels.clone())
+
+    def digest(self) -> str:
+        """A short hash of what the split holds: file names (relative to the dataset root), sizes, labels and the
+        evaluation crop; decoding every image only to hash it would cost an epoch."""
+        h = hashlib.sha256(f"{self.image_size}:{self.crop_pct}".encode())
+        h.update(np.ascontiguousarray(self.labels.cpu().numpy()).tobytes())
+        for path in self.paths:
+            h.update(f"{os.path.relpath(path, self.root)}:{os.path.getsize(path)}\n".encode())
+        return h.hexdigest()[:16]
+
+
+class _TensorImages(Dataset):
+    """uint8 tensors -> PIL -> a torchvision/timm transform, per sample."""
+
+    def __init__(self, data: ImageData, transform: Any) -> None:
+        self.data, self.transform = data, transform
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from PIL import Image
+
+        img = Image.fromarray(self.data.images[i].permute(1, 2, 0).numpy())
+        return self.transform(img), int(self.data.labels[i])
+
+
+class _FileImages(Dataset):
+    """Image files -> RGB PIL image (torchvision's ``default_loader``) -> a transform, per sample."""
+
+    def __init__(self, files: ImageFiles, transform: Any) -> None:
+        self.files, self.transform = files, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        from torchvision.datasets.folder import default_loader
+
+        path = self.files.paths[i]
+        try:
+            img = default_loader(path)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {path} ({type(err).__name__}); replace or remove the file") from None
+        return self.transform(img), int(self.files.labels[i])
+
 
 @dataclass
 class DataConfig:
@@ -72,6 +208,11 @@ class DataConfig:
     seed: int = 0
     image_size: int | None = None  # only for imagefolder (resize); fixed for the others
     label_breaking: tuple[str, ...] | None = None  # augmentations that change labels; None: the dataset's own
+    # imagefolder only: evaluation resizes to image_size / crop_pct, then centre-crops (None: 0.875, the paper's)
+    crop_pct: float | None = None
+    # imagefolder only: stream from disk (always), decode into memory (never), or stream above max_in_memory_gb
+    stream: Literal["auto", "always", "never"] = "auto"
+    max_in_memory_gb: float = 4.0  # a fixed size, not the machine's free memory: every worker decides alike
 
     def __post_init__(self) -> None:
         if self.label_breaking is not None:
@@ -87,12 +228,44 @@ class DataConfig:
             raise DataError(f"val_fraction must be in [0, 1) (0: select on the test split), got {self.val_fraction}")
         if self.image_size is not None and self.image_size < 8:
             raise DataError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise DataError(f"data.crop_pct must be in (0, 1] (0.875: resize 256, crop 224), got {self.crop_pct}")
+        if self.stream not in ("auto", "always", "never"):
+            raise DataError(f"data.stream must be auto, always or never, got {self.stream!r}")
+        if not self.max_in_memory_gb > 0:
+            raise DataError(f"data.max_in_memory_gb must be > 0, got {self.max_in_memory_gb}")
+        if self.stream == "always" and not self.is_imagefolder:
+            raise DataError(f"data.stream: always needs an imagefolder:PATH dataset; {self.name} is read into "
+                            "memory (use auto or never)")
 
     def to_dict(self) -> dict:
         out = asdict(self)
         if self.label_breaking is not None:
             out["label_breaking"] = list(self.label_breaking)
         return out
+
+    @property
+    def is_imagefolder(self) -> bool:
+        return self.name.startswith("imagefolder:")
+
+    @property
+    def eval_crop_pct(self) -> float:
+        """The evaluation crop fraction of an image folder (CIFAR and the built-in sets are evaluated whole)."""
+        return self.crop_pct if self.crop_pct is not None else 0.875 if self.is_imagefolder else 1.0
+
+    def streams(self) -> bool:
+        """Whether the training data stays on disk: ``stream`` resolved, ``auto`` by the decoded size of what
+        would be loaded (the training subset plus the test split) against ``max_in_memory_gb``."""
+        if self.stream == "never" or not self.is_imagefolder:
+            return False
+        if self.stream == "always":
+            return True
+        train, test = _list_imagefolder(_folder_path(self.name))[:2]
+        n_train = len(train) if self.subset is None else min(self._subset_count(len(train)), len(train))
+        return (n_train + len(test)) * 3 * (self.image_size or 32) ** 2 > self.max_in_memory_gb * 2**30
+
+    def _subset_count(self, n: int) -> int:
+        return int(self.subset) if self.subset > 1 else round(self.subset * n)
 
     @property
     def breaks_labels(self) -> tuple[str, ...]:
@@ -107,9 +280,9 @@ class DataSplits:
     """Train / val / test sets of one dataset plus what a model needs to know about it."""
 
     name: str
-    train: ImageData
-    val: ImageData
-    test: ImageData
+    train: ImageData | ImageFiles
+    val: ImageData | ImageFiles
+    test: ImageData | ImageFiles
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -123,13 +296,19 @@ class DataSplits:
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return self.train.image_size
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the splits stay on disk (``ImageFiles``), decoded per sample by the loaders."""
+        return isinstance(self.train, ImageFiles)
 
     def summary(self) -> str:
         held_out = (f"{len(self.val)} val" if self.selects_on == "val" else
                     "no val (selection on the test split)")
+        where = ", streamed from disk" if self.streamed else ""
         return (f"{self.name}: {len(self.train)} train / {held_out} / {len(self.test)} test, "
-                f"{self.num_classes} classes, {self.image_size}px")
+                f"{self.num_classes} classes, {self.image_size}px{where}")
 
 
 def data_root(root: str | os.PathLike | None) -> Path:
@@ -143,6 +322,9 @@ def data_root(root: str | os.PathLike | None) -> Path:
 
 
 # -- readers -------------------------------------------------------------------------------------------------------
+# Not torchvision's CIFAR10/CIFAR100 readers: they refuse any file whose MD5 is not the official archive's (a
+# re-packed subset in the same format, as the tests write, is "corrupted") and name no missing file; the format is
+# three numpy lines. Their download, which checks those MD5s, is the one used.
 def _read_pickle(path: Path) -> dict:
     with open(path, "rb") as fh:
         return pickle.load(fh, encoding="latin1")  # the CIFAR distribution format is a python pickle
@@ -200,41 +382,57 @@ def _load_cifar(name: str, root: Path) -> tuple[ImageData, ImageData, list[str]]
     return read(train_files), read([test_file]), names
 
 
-def _load_imagefolder(path: Path, image_size: int) -> tuple[ImageData, ImageData, list[str]]:
-    from PIL import Image
+def _folder_path(name: str) -> Path:
+    path = Path(name.split(":", 1)[1]).expanduser()
+    if not path.is_dir():
+        raise DataError(f"imagefolder path {path} does not exist; give --data imagefolder:PATH with PATH/train "
+                        "and PATH/val")
+    return path
 
+
+def _list_imagefolder(path: Path) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    """(train samples, val samples, class names) of an image folder, by torchvision's ``ImageFolder`` rules (a
+    class per sub-folder of ``train/``, sorted; images found recursively by extension). Listings are cached per
+    folder state, so resolving ``stream: auto`` for every candidate does not walk a large folder again."""
     for split in ("train", "val"):
         if not (path / split).is_dir():
             raise DataError(f"imagefolder:{path} needs '{split}/' with one sub-folder per class; {path / split} "
                             "is missing")
-    classes = sorted(d.name for d in (path / "train").iterdir() if d.is_dir())
-    if not classes:
-        raise DataError(f"imagefolder:{path}: no class folders in {path / 'train'}")
-    index = {c: i for i, c in enumerate(classes)}
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".ppm", ".gif", ".tif", ".tiff"}
+    state = tuple((str(d), d.stat().st_mtime_ns) for split in ("train", "val") for d in sorted((path / split).iterdir())
+                  if d.is_dir())
+    return _cached_listing(path, state)
 
-    def read(split: str) -> ImageData:
-        images, labels = [], []
-        for cls_dir in sorted(d for d in (path / split).iterdir() if d.is_dir()):
-            if cls_dir.name not in index:
-                raise DataError(f"imagefolder:{path}: class '{cls_dir.name}' is in {split}/ but not in train/")
-            for file in sorted(cls_dir.iterdir()):
-                if file.suffix.lower() not in exts:
-                    continue
-                with Image.open(file) as img:
-                    img = img.convert("RGB")
-                    scale = image_size / min(img.size)
-                    img = img.resize((max(image_size, round(img.width * scale)),
-                                      max(image_size, round(img.height * scale))), Image.BICUBIC)
-                    left, top = (img.width - image_size) // 2, (img.height - image_size) // 2
-                    img = img.crop((left, top, left + image_size, top + image_size))
-                    images.append(torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1))
-                labels.append(index[cls_dir.name])
-        if not images:
-            raise DataError(f"imagefolder:{path}: no images found under {path / split}")
-        return ImageData(torch.stack(images), torch.tensor(labels, dtype=torch.int64))
 
-    return read("train"), read("val"), classes
+@functools.lru_cache(maxsize=8)
+def _cached_listing(path: Path, state: tuple) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[str]]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    try:
+        classes, index = find_classes(str(path / "train"))
+    except FileNotFoundError:
+        raise DataError(f"imagefolder:{path}: no class folders in {path / 'train'}") from None
+    extra = sorted(d.name for d in (path / "val").iterdir() if d.is_dir() and d.name not in index)
+    if extra:
+        raise DataError(f"imagefolder:{path}: class '{extra[0]}' is in val/ but not in train/")
+    listed = []
+    for split in ("train", "val"):
+        samples = make_dataset(str(path / split), index, IMG_EXTENSIONS, allow_empty=True)
+        if not samples:
+            raise DataError(f"imagefolder:{path}: no images found under {path / split} (extensions: "
+                            f"{', '.join(IMG_EXTENSIONS)})")
+        listed.append(samples)
+    return listed[0], listed[1], classes
+
+
+def _imagefolder_files(cfg: DataConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
+    path = _folder_path(cfg.name)
+    train, test, classes = _list_imagefolder(path)
+
+    def files(samples: list[tuple[str, int]]) -> ImageFiles:
+        return ImageFiles(str(path), [p for p, _ in samples], torch.tensor([c for _, c in samples], dtype=torch.int64),
+                          cfg.image_size or 32, cfg.eval_crop_pct)
+
+    return files(train), files(test), classes
 
 
 # -- splits --------------------------------------------------------------------------------------------------------
@@ -268,12 +466,8 @@ def load_data(config: DataConfig | str) -> DataSplits:
         train, test, names = _load_cifar(name, data_root(cfg.root))
         num_classes = 10 if name == "cifar10" else 100
         mean, std = CIFAR_STATS[name]
-    elif name.startswith("imagefolder:"):
-        path = Path(name.split(":", 1)[1]).expanduser()
-        if not path.is_dir():
-            raise DataError(f"imagefolder path {path} does not exist; give --data imagefolder:PATH with PATH/train "
-                            "and PATH/val")
-        train, test, names = _load_imagefolder(path, cfg.image_size or 32)
+    elif cfg.is_imagefolder:
+        train, test, names = _imagefolder_files(cfg)
         num_classes = len(names)
         mean, std = IMAGENET_STATS
     else:
@@ -281,13 +475,15 @@ def load_data(config: DataConfig | str) -> DataSplits:
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.subset is not None:
-        count = int(cfg.subset) if cfg.subset > 1 else round(cfg.subset * len(train))
-        keep, _ = _balanced_pick(train.labels, min(count, len(train)), gen)
+        keep, _ = _balanced_pick(train.labels, min(cfg._subset_count(len(train)), len(train)), gen)
         train = train.take(keep)
     val_idx, train_idx = _balanced_pick(train.labels, round(cfg.val_fraction * len(train)), gen)
-    if len(val_idx) == 0:  # the paper's protocol: train on every training image, select on the test split
-        return DataSplits(name, train, test, test, num_classes, mean, std, names, selects_on="test",
-                          label_breaking=cfg.breaks_labels)
-    return DataSplits(name, train.take(train_idx), train.take(val_idx), test, num_classes, mean, std, names,
+    selects_on = "val" if len(val_idx) else "test"  # no val: the paper's protocol, select on the test split
+    train, val = (train.take(train_idx), train.take(val_idx)) if len(val_idx) else (train, test)
+    if isinstance(train, ImageFiles) and not cfg.streams():
+        # training images keep their whole centre square (the recipe's crops cut from it); evaluation crops
+        train, test = train.load(crop_pct=1.0), test.load()
+        val = val.load() if selects_on == "val" else test
+    return DataSplits(name, train, val, test, num_classes, mean, std, names, selects_on=selects_on,
                       label_breaking=cfg.breaks_labels)
 

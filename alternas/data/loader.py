@@ -2,8 +2,8 @@
 
 ``TensorLoader`` is the fast path: the whole uint8 set lives on the training device and crop-with-padding + flip
 run on whole batches as tensor ops, so no per-sample Python runs in the hot loop. ``pil_loader`` is the paper
-recipe's path: RandAugment needs PIL, so it uses a DataLoader with workers and per-sample timm/torchvision
-transforms.
+recipe's path (RandAugment needs PIL) and the streaming one (images decoded from disk): a DataLoader with workers
+and per-sample timm/torchvision transforms.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from alternas.data.datasets import ImageData
+from alternas.data.datasets import ImageData, ImageFiles
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -132,24 +132,8 @@ class SeededDataLoader(DataLoader):
             self.generator.set_state(state["generator"])
 
 
-class _PILDataset(Dataset):
-    """uint8 tensors -> PIL -> a torchvision/timm transform, per sample (the reference pipeline)."""
-
-    def __init__(self, data: ImageData, transform: Any) -> None:
-        self.data, self.transform = data, transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        from PIL import Image
-
-        img = Image.fromarray(self.data.images[i].permute(1, 2, 0).numpy())
-        return self.transform(img), int(self.data.labels[i])
-
-
 def pil_loader(
-    data: ImageData,
+    data: ImageData | ImageFiles,
     transform: Any,
     batch_size: int,
     *,
@@ -160,10 +144,11 @@ def pil_loader(
     world: int = 1,
     drop_last: bool = False,
 ) -> SeededDataLoader:
-    """A DataLoader with per-sample PIL transforms; sharded by ``DistributedSampler`` when world > 1 (the same
-    rule as ``TensorLoader``: the tail that does not divide by ``world`` is left out, every rank the same batches).
+    """A DataLoader with per-sample PIL transforms, of images in memory or on disk; sharded by
+    ``DistributedSampler`` when world > 1 (the same rule as ``TensorLoader``: the tail that does not divide by
+    ``world`` is left out, every rank the same batches).
     """
-    dataset = _PILDataset(data, transform)
+    dataset = data.samples(transform)
     sampler = None
     if world > 1:
         from torch.utils.data.distributed import DistributedSampler

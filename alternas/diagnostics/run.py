@@ -8,11 +8,11 @@ import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
-from alternas.data.augment import make_train_batches
+from alternas.data.augment import eval_batches, make_train_batches
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader
 from alternas.diagnostics import figures
@@ -126,8 +126,8 @@ def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: Diagnostic
         aug = replace(recipe, batch_size=hessian_batch_size(config, recipe), workers=0)
         batches = make_train_batches(data, aug, device, config.seed, 0, 1)
     else:
-        batches = TensorLoader(data.train, hessian_batch_size(config, recipe), mean=data.mean, std=data.std,
-                               device=device, shuffle=True, drop_last=True, seed=config.seed)
+        batches = eval_batches(data, data.train, hessian_batch_size(config, recipe), device, shuffle=True,
+                               drop_last=True, seed=config.seed)
     mixup = None
     if config.augment and recipe.uses_mixup:
         from timm.data import Mixup
@@ -164,7 +164,7 @@ def diagnose(
 
     if config.fourier:
         t0 = time.perf_counter()
-        images = val_images.take(torch.arange(min(config.fourier_images, len(val_images))))
+        images = val_images.take(torch.arange(min(config.fourier_images, len(val_images)))).load()
         x, _ = next(iter(TensorLoader(images, len(images), mean=data.mean, std=data.std, device=device)))
         records = feature_profile(model, x, config.fourier_score)
         out["units"] = [r.to_dict() for r in records]
@@ -184,7 +184,7 @@ def diagnose(
         x, y = next(_hessian_batches(model, data, recipe, config, device))
         out["hessian_trace"] = hutchinson_trace(model, x, y, config.trace_samples, wd, config.seed)
     eval_loader = TensorLoader(val_images.take(torch.arange(min(max(config.noise_images, config.lesion_images),
-                                                                len(val_images)))),
+                                                                len(val_images)))).load(),
                                256, mean=data.mean, std=data.std, device=device)
     if config.noise:
         t0 = time.perf_counter()
@@ -197,7 +197,7 @@ def diagnose(
     if config.cka:
         t0 = time.perf_counter()
         count = min(config.cka_batches * config.cka_batch_size, len(val_images))
-        loader = TensorLoader(val_images.take(torch.arange(count)), config.cka_batch_size, mean=data.mean,
+        loader = TensorLoader(val_images.take(torch.arange(count)).load(), config.cka_batch_size, mean=data.mean,
                               std=data.std, device=device, drop_last=True)
         out["cka"] = minibatch_cka(model, (x for x, _ in loader))
         out["timings"]["cka"] = time.perf_counter() - t0
@@ -273,3 +273,79 @@ def write_figures(path: Path, results: dict[str, dict], title: str) -> Path:
              "<th>Δ log amplitude at the high frequency, stage ends</th></tr>"
              f"{rows}</table>{_fourier_note(results)}")
     return figures.write_html(path, title, diagnostic_figures(results), tables_html=table)
+
+
+def select_diagnostics(preset: str | None = None, chosen: dict[str, bool] | None = None,
+                       **settings: Any) -> DiagnosticsConfig:
+    """The diagnostics a command asks for: ``preset``'s settings (default: ``default``), the named ``chosen`` ones
+    switched on (none named: the preset's own selection, or without a preset Hessian + Fourier), and ``settings``
+    (``None`` values ignored) on top. Never during training (``at_epochs`` is cleared)."""
+    if preset is not None and preset not in DIAGNOSTICS_PRESETS:
+        raise ConfigError(f"unknown diagnostics preset {preset!r}; choose one of: {', '.join(DIAGNOSTICS_PRESETS)}")
+    base = DIAGNOSTICS_PRESETS[preset or "default"]
+    chosen = dict(chosen or {})
+    if not any(chosen.values()):
+        chosen = {k: getattr(base, k) for k in chosen} if preset else {**chosen, "hessian": True, "fourier": True}
+    return replace(base, **chosen, **{k: v for k, v in settings.items() if v is not None}, at_epochs=())
+
+
+class Diagnosed(NamedTuple):
+    model: torch.nn.Module
+    result: dict[str, Any]
+    out_dir: Path
+
+
+def diagnose_trained(
+    run_dir: str | Path | None = None,
+    *,
+    placement: str | None = None,
+    base: str | None = None,
+    window_size: int | None = None,
+    checkpoint: str | Path | None = None,
+    data: dict[str, Any] | None = None,
+    recipe: str | None = None,
+    config: DiagnosticsConfig = DiagnosticsConfig(),
+    device: str | None = None,
+    out_dir: str | Path | None = None,
+) -> Diagnosed:
+    """Diagnose a trained model: a run folder (model, data and recipe from its ``config.yaml``, its weights) or a
+    ``placement`` + ``base`` (+ ``checkpoint``) on the built-in data. ``data`` overrides data settings by key,
+    ``recipe`` names the preset whose augmentation and weight decay the Hessian loss uses. Writes
+    ``diagnostics.json`` / ``.html`` to ``out_dir`` (default ``RUN_DIR/diagnostics``)."""
+    from alternas.data.datasets import DataConfig, load_data
+    from alternas.errors import check_types, reject_unknown_keys
+    from alternas.models.timm_hub import load_weights
+    from alternas.train.fit import pick_device
+    from alternas.train.recipe import get_recipe
+    from alternas.train.run import model_for, read_run_config, run_weights
+
+    saved: dict[str, Any] = {}
+    if run_dir is not None:
+        saved = read_run_config(run_dir)
+        checkpoint = checkpoint or run_weights(run_dir)
+    elif placement is None:
+        raise ConfigError("diagnose needs a run folder, or a placement (with a base and a checkpoint)")
+    model_args = saved.get("model") or {}
+    chosen_recipe = (get_recipe(recipe) if recipe else
+                     Recipe.from_dict(saved["recipe"]) if "recipe" in saved else get_recipe("fast"))
+    settings = {**(saved.get("data_config") or {}), **{k: v for k, v in (data or {}).items() if v is not None}}
+    where = f"{run_dir}/config.yaml data_config" if run_dir is not None else "data"
+    reject_unknown_keys(settings, {f.name for f in fields(DataConfig)}, where=where)
+    splits = load_data(DataConfig(**check_types(DataConfig, settings, where)) if settings else DataConfig())
+    model = model_for(placement or model_args.get("placement"), base or model_args.get("base", "resnet50"), splits,
+                      chosen_recipe, window_size or model_args.get("window_size"))
+    if checkpoint:
+        load_weights(model, checkpoint)
+    model = model.to(pick_device(device))
+    target = Path(out_dir or (Path(run_dir) / "diagnostics" if run_dir is not None else "diagnostics"))
+    return Diagnosed(model, diagnose(model, splits, chosen_recipe, config, out_dir=target,
+                                     label=str(model.placement)), target)
+
+
+def headline(result: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a command prints of a ``diagnose`` result: curvature, Fourier, trace, and accuracy change per
+    noise frequency."""
+    summary = {k: result[k] for k in ("lambda_max", "nep", "ape", "delta_high", "hessian_trace") if k in result}
+    if "noise" in result:
+        summary["noise_delta_acc"] = dict(zip(result["noise"]["frequencies"], result["noise"]["delta_acc"]))
+    return summary

@@ -112,6 +112,12 @@ def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, see
     data.pop("label_breaking")  # only when it changes what trains (keeps the keys of studies from before it)
     if config.data.breaks_labels:
         data["label_breaking"] = list(config.data.breaks_labels)
+    for knob in ("crop_pct", "stream", "max_in_memory_gb"):  # what they resolve to, where it changes the outcome
+        data.pop(knob)
+    if config.data.is_imagefolder:
+        data["eval_crop_pct"] = config.data.eval_crop_pct
+        if config.data.streams():  # transforms on the original images: another experiment than pre-cropped ones
+            data["streamed"] = True
     payload = {"placement": str(placement), "base": base_architecture(config.base),
                "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
                "parent": parent}

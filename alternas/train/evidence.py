@@ -10,7 +10,6 @@ evidence of different splits is never paired.
 
 from __future__ import annotations
 
-import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +20,6 @@ import torch
 from alternas.fileio import atomic_write
 
 EVIDENCE_FILE = "evidence.npz"
-
-
-def split_digest(images: torch.Tensor, labels: torch.Tensor) -> str:
-    """A short content hash of a validation split (its images and labels, in order)."""
-    h = hashlib.sha256()
-    h.update(np.ascontiguousarray(labels.cpu().numpy()).tobytes())
-    h.update(np.ascontiguousarray(images.cpu().numpy()).tobytes())
-    return h.hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from alternas.errors import ConfigError
 from alternas.faults import fault_point
 from alternas.fileio import DAMAGED_RECORD_ERRORS, atomic_write, atomic_write_text, load_weights, save_weights
 from alternas.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from alternas.train.evidence import Evidence, load_evidence, split_digest
+from alternas.train.evidence import Evidence, load_evidence
 from alternas.train.metrics import evaluate, per_example, predict, summarize
 from alternas.train.recipe import Recipe
 
@@ -199,7 +199,7 @@ def fit(
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum,
                                     weight_decay=decay, nesterov=recipe.nesterov)
     train_batches = make_train_batches(data, recipe, dev, seed, rank, world)
-    val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev)
+    val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev, workers=recipe.workers)
     mixup = None
     if recipe.uses_mixup:
         from timm.data import Mixup
@@ -209,7 +209,7 @@ def fit(
 
     history: list[dict[str, float]] = []
     start_epoch = 0
-    evidence = Evidence.empty(split_digest(data.val.images, data.val.labels), len(data.val))
+    evidence = Evidence.empty(data.val.digest(), len(data.val))
     if saved is not None:
         weights, state = saved
         model.load_state_dict(weights)
@@ -321,7 +321,7 @@ def fit(
         images_per_s=float(np.mean([h["images_per_s"] for h in history])) if history else 0.0, error=error,
     )
     if status == "completed":
-        test = eval_batches(data, data.test, recipe.eval_batch_size, dev)
+        test = eval_batches(data, data.test, recipe.eval_batch_size, dev, workers=recipe.workers)
         result.test = evaluate(model, test, device=dev, amp_dtype=amp_dtype, channels_last=channels_last)
     if is_main:
         summary = {"status": status, "result": result.to_dict()}
