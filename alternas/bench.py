@@ -8,6 +8,7 @@ import statistics
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -123,6 +124,58 @@ def pipeline_epoch_time(rounds: int = 2, device: str | None = None) -> dict:
     return {"device": str(dev), "epoch_s": trained, "speedup": trained["dataloader"] / trained["in_memory"],
             "pipeline_s": alone, "pipeline_speedup": alone["dataloader"] / alone["in_memory"],
             "images": len(data.train)}
+
+
+def streaming_epoch_time(rounds: int = 2, images: int = 1200, size: int = 64, batch: int = 128,
+                         device: str | None = None) -> dict:
+    """One training epoch of the tiny base on a generated image folder (``images`` JPEGs of the built-in shapes at
+    1.25 x ``size``): decoded into memory (tensor pipeline, crop + flip on batches) vs streamed from disk (DataLoader,
+    2 workers: decode, resize, centre square, crop + flip per image). Also the pipelines alone, and the one-off
+    in-memory decoding the streamed path never pays."""
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    from alternas.data import synthetic
+    from alternas.data.augment import make_train_batches
+    from alternas.train.recipe import get_recipe
+
+    dev = pick_device(device)
+    layout = training_memory_format(dev)
+    pixels, labels = synthetic.generate("shapes", images, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for split, index in (("train", range(images)), ("val", range(min(200, images)))):
+            for i in index:
+                folder = Path(tmp) / split / str(int(labels[i]))
+                folder.mkdir(parents=True, exist_ok=True)
+                picture = Image.fromarray(pixels[i].permute(1, 2, 0).numpy()).resize((size * 5 // 4,) * 2)
+                picture.save(folder / f"{i}.jpg", quality=90)
+        config = DataConfig(f"imagefolder:{tmp}", image_size=size)
+        started = time.perf_counter()
+        in_memory = load_data(replace(config, stream="never"))
+        decode_s = time.perf_counter() - started
+        streamed = load_data(replace(config, stream="always"))
+        recipe = get_recipe("fast", {"batch_size": batch, "workers": 2})
+        model = build_model("CC,CC,CC,CM", "tiny", num_classes=in_memory.num_classes, image_size=size).to(
+            dev, memory_format=layout)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        pipelines = {name: make_train_batches(data, recipe, dev, 0, 0, 1)
+                     for name, data in (("in_memory", in_memory), ("streamed", streamed))}
+
+        def arm(batches, train: bool) -> Callable[[], float]:
+            def epoch() -> None:
+                for xb, yb in batches:
+                    xb, yb = xb.to(dev, memory_format=layout), yb.to(dev)
+                    if train:
+                        _train_step(model, opt, xb, yb)
+            return lambda: _seconds(epoch, dev)
+
+        trained = _interleaved({k: arm(v, True) for k, v in pipelines.items()}, rounds)
+        alone = _interleaved({k: arm(v, False) for k, v in pipelines.items()}, rounds)
+    return {"device": str(dev), "images": len(in_memory.train), "size": size, "batch": batch, "epoch_s": trained,
+            "slowdown": trained["streamed"] / trained["in_memory"], "pipeline_s": alone,
+            "pipeline_slowdown": alone["streamed"] / alone["in_memory"], "decode_into_memory_s": decode_s}
 
 
 def layout_throughput(batch: int = 128, steps: int = 3, rounds: int = 5, device: str | None = None) -> dict:
@@ -259,7 +312,6 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
     decision, the start placement's spread over seeds, and wall time. Each pool has its own study folder under
     ``out`` (default ``studies/<name>-decisions``), so an interrupted benchmark resumes."""
     from collections import Counter
-    from dataclasses import replace
     from pathlib import Path
 
     from alternas.search import load_study, run_buildup, with_overrides
@@ -306,6 +358,62 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
         "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
         "wall_s_max": max(r["wall_s"] for r in runs),
     }
+
+
+# the speed benchmarks `alternas bench` runs by default: name -> run(rounds, device) with that benchmark's rounds
+SPEED_BENCHMARKS: dict[str, Callable[..., dict]] = {
+    "attention": lambda rounds, device: attention_throughput(rounds=rounds, device=device),
+    "layout": lambda rounds, device: layout_throughput(rounds=rounds + 2, device=device),
+    "pipeline": lambda rounds, device: pipeline_epoch_time(rounds=max(1, rounds - 1), device=device),
+    "streaming": lambda rounds, device: streaming_epoch_time(rounds=max(1, rounds - 1), device=device),
+    "hessian": lambda rounds, device: hessian_vs_pyhessian(rounds=rounds, device=device),
+    "fourier": lambda rounds, device: fourier_vs_forward(rounds=rounds + 2, device=device),
+}
+
+
+def describe(name: str, r: dict) -> str:
+    """One line of a benchmark's result, as ``alternas bench`` prints it."""
+    if name == "attention":
+        tr, inf = r["train_img_per_s"], r["infer_img_per_s"]
+        return (f"attention: AlterNet-50 CIFAR-100, 32 px, batch 32 on {r['device']}: train img/s default "
+                f"{tr['auto']:.1f}, SDPA forced {tr['sdpa']:.1f}, plain {tr['math']:.1f} -> default/plain "
+                f"{r['train_auto_over_math']:.2f}x, SDPA/plain {r['train_sdpa_over_math']:.2f}x; inference "
+                f"img/s default {inf['auto']:.1f}, plain {inf['math']:.1f} -> {r['infer_auto_over_math']:.2f}x")
+    if name == "layout":
+        return f"layout: CC,CC,CC,CM training steps, batch {r['batch']} on {r['device']}: " + "; ".join(
+            f"{base} NCHW {r[base]['img_per_s']['nchw']:.0f} img/s, channels_last "
+            f"{r[base]['img_per_s']['channels_last']:.0f} img/s -> {r[base]['speedup']:.2f}x"
+            for base in ("tiny", "small"))
+    if name == "pipeline":
+        return (f"pipeline: tiny base, shapes ({r['images']} images) on {r['device']}: one training epoch "
+                f"in-memory {r['epoch_s']['in_memory']:.2f} s, DataLoader+PIL {r['epoch_s']['dataloader']:.2f} s "
+                f"-> {r['speedup']:.2f}x faster; the pipelines alone (no model) "
+                f"{r['pipeline_s']['in_memory']:.3f} s vs {r['pipeline_s']['dataloader']:.3f} s "
+                f"-> {r['pipeline_speedup']:.1f}x")
+    if name == "streaming":
+        return (f"streaming: tiny base, image folder of {r['images']} JPEGs at {r['size']} px on {r['device']}: one "
+                f"training epoch in memory {r['epoch_s']['in_memory']:.2f} s, streamed from disk "
+                f"{r['epoch_s']['streamed']:.2f} s -> {r['slowdown']:.2f}x; the pipelines alone "
+                f"{r['pipeline_s']['in_memory']:.3f} s vs {r['pipeline_s']['streamed']:.3f} s "
+                f"-> {r['pipeline_slowdown']:.1f}x; decoding into memory once took {r['decode_into_memory_s']:.2f} s")
+    if name == "hessian":
+        med, worst = r["median_error"], r["max_error"]
+        return (f"hessian: top eigenvalue at tol 1e-3 on {r['batches']} batches of {r['batch']}, tiny AlterNet "
+                f"({r['params']:,} params) on {r['device']}: Lanczos {r['seconds']['alternas']:.2f} s "
+                f"(rel. error median {med['alternas']:.1e}, max {worst['alternas']:.1e}), PyHessian power "
+                f"iteration {r['seconds']['pyhessian']:.2f} s (median {med['pyhessian']:.1e}, max "
+                f"{worst['pyhessian']:.1e}) -> time ratio {r['time_ratio']:.2f}x")
+    if name == "fourier":
+        return (f"fourier: AlterNet-50 CIFAR-100, batch {r['batch']} on {r['device']}: Fourier+variance "
+                f"profile {r['seconds']['profile']:.3f} s, forward {r['seconds']['forward']:.3f} s "
+                f"-> {r['ratio']:.2f}x a forward pass")
+    if name == "decisions":
+        return (f"decisions: {r['study']} on {r['pools']} disjoint pools of {r['pool_size']} seeds: final "
+                f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
+                f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
+                f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
+                f"(max {r['wall_s_max']:.0f} s)")
+    raise ConfigError(f"no benchmark named {name!r}; choose one of: {', '.join([*SPEED_BENCHMARKS, 'decisions'])}")
 
 
 # PAPER.md §3.3: the authors' CIFAR-100 build-up, placement -> accuracy (%)

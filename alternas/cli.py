@@ -508,7 +508,7 @@ def claims(study_dir: str, as_json: bool, confidence: float | None) -> None:
     click.echo(f"\nwrote {Path(study_dir) / 'claims.json'} and {report}")
 
 
-BENCHMARKS = ("attention", "layout", "pipeline", "hessian", "fourier")
+BENCHMARKS = ("attention", "layout", "pipeline", "streaming", "hessian", "fourier")  # alternas.bench.SPEED_BENCHMARKS
 SLOW_BENCHMARKS = ("decisions", "buildup-workers")  # run only when named
 
 
@@ -534,7 +534,8 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
           out_dir: str | None, as_json: bool, sets: tuple[str, ...], worker_counts: str, worlds: int,
           min_seeds: int) -> None:
     """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
-    DataLoader pipeline, Lanczos vs PyHessian (needs `pip install pyhessian==0.1`), Fourier profile vs forward.
+    DataLoader pipeline, an image folder in memory vs streamed from disk, Lanczos vs PyHessian (needs
+    `pip install pyhessian==0.1`), Fourier profile vs forward.
     Default: all of them. `decisions` (only when named: minutes per pool) runs a study's build-up on disjoint
     seed pools and prints how often the final placements agree, seeds and candidate-epochs per decision and the
     wall time. `buildup-workers` (only when named) simulates the build-up of PAPER.md §3.3 with 1, 2, 4 and 8
@@ -563,48 +564,9 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
                 overrides["device"] = device
             r = b.decision_agreement(study_file, pools, out_dir, overrides,
                                      log=lambda line: click.echo(line, err=as_json))
-            if as_json:
-                click.echo(json.dumps(r))
-                continue
-            click.echo(f"decisions: {r['study']} on {r['pools']} disjoint pools of {r['pool_size']} seeds: final "
-                       f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
-                       f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
-                       f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
-                       f"(max {r['wall_s_max']:.0f} s)")
-        elif name == "attention":
-            r = b.attention_throughput(rounds=rounds, device=device)
-            tr, inf = r["train_img_per_s"], r["infer_img_per_s"]
-            click.echo(f"attention: AlterNet-50 CIFAR-100, 32 px, batch 32 on {r['device']}: train img/s default "
-                       f"{tr['auto']:.1f}, SDPA forced {tr['sdpa']:.1f}, plain {tr['math']:.1f} -> default/plain "
-                       f"{r['train_auto_over_math']:.2f}x, SDPA/plain {r['train_sdpa_over_math']:.2f}x; inference "
-                       f"img/s default {inf['auto']:.1f}, plain {inf['math']:.1f} -> {r['infer_auto_over_math']:.2f}x")
-        elif name == "layout":
-            r = b.layout_throughput(rounds=rounds + 2, device=device)
-            click.echo(f"layout: CC,CC,CC,CM training steps, batch {r['batch']} on {r['device']}: " + "; ".join(
-                f"{base} NCHW {r[base]['img_per_s']['nchw']:.0f} img/s, channels_last "
-                f"{r[base]['img_per_s']['channels_last']:.0f} img/s -> {r[base]['speedup']:.2f}x"
-                for base in ("tiny", "small")))
-        elif name == "pipeline":
-            r = b.pipeline_epoch_time(rounds=max(1, rounds - 1), device=device)
-            click.echo(f"pipeline: tiny base, shapes ({r['images']} images) on {r['device']}: one training epoch "
-                       f"in-memory {r['epoch_s']['in_memory']:.2f} s, DataLoader+PIL "
-                       f"{r['epoch_s']['dataloader']:.2f} s "
-                       f"-> {r['speedup']:.2f}x faster; the pipelines alone (no model) "
-                       f"{r['pipeline_s']['in_memory']:.3f} s vs {r['pipeline_s']['dataloader']:.3f} s "
-                       f"-> {r['pipeline_speedup']:.1f}x")
-        elif name == "hessian":
-            r = b.hessian_vs_pyhessian(rounds=rounds, device=device)
-            med, worst = r["median_error"], r["max_error"]
-            click.echo(f"hessian: top eigenvalue at tol 1e-3 on {r['batches']} batches of {r['batch']}, tiny AlterNet "
-                       f"({r['params']:,} params) on {r['device']}: Lanczos {r['seconds']['alternas']:.2f} s "
-                       f"(rel. error median {med['alternas']:.1e}, max {worst['alternas']:.1e}), PyHessian power "
-                       f"iteration {r['seconds']['pyhessian']:.2f} s (median {med['pyhessian']:.1e}, max "
-                       f"{worst['pyhessian']:.1e}) -> time ratio {r['time_ratio']:.2f}x")
+            click.echo(json.dumps(r) if as_json else b.describe("decisions", r))
         else:
-            r = b.fourier_vs_forward(rounds=rounds + 2, device=device)
-            click.echo(f"fourier: AlterNet-50 CIFAR-100, batch {r['batch']} on {r['device']}: Fourier+variance "
-                       f"profile {r['seconds']['profile']:.3f} s, forward {r['seconds']['forward']:.3f} s "
-                       f"-> {r['ratio']:.2f}x a forward pass")
+            click.echo(b.describe(name, b.SPEED_BENCHMARKS[name](rounds=rounds, device=device)))
 
 
 if __name__ == "__main__":

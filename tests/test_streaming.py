@@ -185,3 +185,17 @@ def test_a_folder_larger_than_the_memory_cap_streams_where_decoding_it_fails(tmp
     auto = run("auto")  # 0.28 GiB > max_in_memory_gb 0.1: streamed
     assert auto.returncode == 0, auto.stdout + auto.stderr
     assert "streamed from disk" in auto.stdout and auto.stdout.strip().endswith("| 360")  # 320 train + 40 test
+
+
+def test_the_streaming_benchmark_times_both_paths_on_one_generated_folder() -> None:
+    from alternas.bench import SPEED_BENCHMARKS, describe, streaming_epoch_time
+    from alternas.cli import BENCHMARKS
+
+    assert set(BENCHMARKS) == set(SPEED_BENCHMARKS)  # the CLI's choices are the library's benchmarks
+    r = streaming_epoch_time(rounds=1, images=80, size=32, batch=16, device="cpu")
+    assert r["images"] == 72 and set(r["epoch_s"]) == {"in_memory", "streamed"}  # 80 minus the 10 % val split
+    assert r["slowdown"] == pytest.approx(r["epoch_s"]["streamed"] / r["epoch_s"]["in_memory"])
+    assert all(t > 0 for t in [*r["epoch_s"].values(), *r["pipeline_s"].values(), r["decode_into_memory_s"]])
+    assert describe("streaming", r).startswith("streaming: tiny base, image folder of 72 JPEGs at 32 px")
+    with pytest.raises(Exception, match="no benchmark named 'nope'"):
+        describe("nope", r)
