@@ -7,6 +7,7 @@ stderr and exit code 2; Ctrl-C exits 130 after the library has saved what it com
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -195,33 +196,19 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
           batch_size: int | None, lr: float | None, sets: tuple[str, ...], out_dir: str, resume: bool, seed: int,
           device: str | None, compile_model: bool, deterministic: bool, quiet: bool) -> None:
     """Train one AlterNet and write metrics, checkpoints and weights to --out."""
-    import yaml
+    from alternas.data import DataConfig
+    from alternas.train import get_recipe
+    from alternas.train.run import recipe_file_overrides, train_run
 
-    from alternas.data import DataConfig, load_data
-    from alternas.errors import ConfigError
-    from alternas.train import fit, get_recipe
-    from alternas.train.run import model_for, run_config
-
-    overrides: dict[str, Any] = {}
-    if recipe_file:
-        loaded = yaml.safe_load(Path(recipe_file).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{recipe_file}: expected a mapping of recipe keys")
-        overrides.update(loaded)
+    overrides: dict[str, Any] = recipe_file_overrides(recipe_file) if recipe_file else {}
     overrides.update({k: v for k, v in {"epochs": epochs, "batch_size": batch_size, "lr": lr}.items() if v})
     overrides.update(_parse_sets(sets))
-    recipe = get_recipe(recipe_name, overrides)
-    data_cfg = DataConfig(data_name, root=data_root, subset=subset, val_fraction=val_fraction, seed=seed,
-                          image_size=image_size, stream=stream)
-    data = load_data(data_cfg)
-    model = model_for(placement, base, data, recipe, window_size, seed=seed)
-    is_main = int(__import__("os").environ.get("RANK", "0")) == 0
-    if not quiet and is_main:
-        click.echo(f"{model.placement} on {base} | {data.summary()} | recipe {recipe.name}, "
-                   f"{recipe.total_epochs} epochs")
-    result = fit(model, data, recipe, out_dir, seed=seed, device=device, resume=resume, quiet=quiet,
-                 compile_model=compile_model, deterministic=deterministic,
-                 run_config=run_config(model, data_cfg.to_dict()))
+    data = DataConfig(data_name, root=data_root, subset=subset, val_fraction=val_fraction, seed=seed,
+                      image_size=image_size, stream=stream)
+    result = train_run(placement, base, data, get_recipe(recipe_name, overrides), out_dir, window_size=window_size,
+                       seed=seed, log=click.echo, device=device, resume=resume, quiet=quiet,
+                       compile_model=compile_model, deterministic=deterministic)
+    is_main = int(os.environ.get("RANK", "0")) == 0
     if is_main:
         test = f", test acc {result.test['acc']:.2f}%" if result.test else ""
         click.echo(f"{result.status}: {result.epochs_completed}/{result.total_epochs} epochs, "

@@ -172,3 +172,16 @@ def test_train_cli_errors(tmp_path, args: list[str], fragment: str) -> None:
     assert res.returncode == 2, res.stderr
     assert fragment in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) <= 2
+
+
+def test_train_cli_reads_a_recipe_file_and_refuses_one_that_is_not_a_mapping(tmp_path) -> None:
+    (tmp_path / "recipe.yaml").write_text("epochs: 1\nwarmup_epochs: 0\nbatch_size: 32\n")
+    (tmp_path / "list.yaml").write_text("- epochs\n")
+    common = ["train", "--placement", "CC,CC,CC,CC", "--base", "tiny", "--subset", "96", "--quiet"]
+    res = run_cli(*common, "--recipe-file", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"))
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["recipe"]["epochs"] == 1 and saved["recipe"]["batch_size"] == 32
+    assert saved["data_config"]["subset"] == 96
+    bad = run_cli(*common, "--recipe-file", str(tmp_path / "list.yaml"), "--out", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "list.yaml: expected a mapping of recipe keys" in bad.stderr

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import yaml
 
-from alternas.data.datasets import DataSplits
+from alternas.data.datasets import DataConfig, DataSplits, load_data
 from alternas.errors import ConfigError
 from alternas.models import AlterNet, build_model
 from alternas.placement import Placement
@@ -63,3 +63,31 @@ def run_weights(run_dir: str | Path) -> Path:
     final = Path(run_dir) / "model.safetensors"
     state = None if final.is_file() else load_state(Path(run_dir) / "checkpoint")
     return Path(run_dir) / "checkpoint" / state["weights"] if state else final
+
+
+def recipe_file_overrides(path: str | Path) -> dict[str, Any]:
+    """The recipe keys a YAML file sets (``alternas train --recipe-file``), checked to be a mapping."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read the recipe file ({type(err).__name__})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of recipe keys")
+    return loaded
+
+
+def train_run(placement: str | Placement, base: str, data: DataConfig, recipe: Recipe, out_dir: str | Path, *,
+              window_size: int | None = None, seed: int = 0, log=print, **fit_options: Any):
+    """Train one AlterNet into a run folder as ``alternas train`` does: the data loaded, the model sized for it and
+    seeded, its rebuild arguments and data settings recorded in ``config.yaml``; ``fit_options`` go to ``fit``
+    (device, resume, quiet, compile_model, deterministic). ``log`` gets the one-line header (main process only)."""
+    import os
+
+    from alternas.train.fit import fit
+
+    splits = load_data(data)
+    model = model_for(placement, base, splits, recipe, window_size, seed=seed)
+    if not fit_options.get("quiet") and int(os.environ.get("RANK", "0")) == 0:
+        log(f"{model.placement} on {base} | {splits.summary()} | recipe {recipe.name}, {recipe.total_epochs} epochs")
+    return fit(model, splits, recipe, out_dir, seed=seed, run_config=run_config(model, data.to_dict()),
+               **fit_options)
