@@ -1,14 +1,16 @@
 """The paired comparison behind every build-up decision: its arithmetic, its calibration (by simulation) and the
 per-example evidence files it reads."""
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
 
-from alternas.data.datasets import DataConfig, load_data
+from alternas.data.datasets import DataConfig, ImageData, load_data
 from alternas.search.decision import compare_paired, gain_variance, sequential_compare
 from alternas.train import fit, get_recipe
-from alternas.train.evidence import Evidence, load_evidence, split_digest
+from alternas.train.evidence import Evidence, load_evidence
 from alternas.train.run import model_for
 
 
@@ -158,8 +160,10 @@ def test_sequential_compare_asks_for_seeds_only_while_undecided() -> None:
 def test_evidence_round_trips_and_is_truncated_on_resume(tmp_path) -> None:
     images = torch.randint(0, 255, (37, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(37) % 5
-    digest = split_digest(images, labels)
-    assert digest != split_digest(images, labels.roll(1))  # another split never pairs
+    digest = ImageData(images, labels).digest()
+    assert digest != ImageData(images, labels.roll(1)).digest()  # another split never pairs
+    # the hash evidence files written before ImageData.digest existed: labels' bytes, then the images'
+    assert digest == hashlib.sha256(labels.numpy().tobytes() + images.numpy().tobytes()).hexdigest()[:16]
     ev = Evidence.empty(digest, 37)
     rng = np.random.default_rng(0)
     rows = [(rng.random(37) < 0.5, rng.random(37).astype(np.float32)) for _ in range(3)]
