@@ -331,7 +331,7 @@ def diagnose_trained(
     settings = {**(saved.get("data_config") or {}), **{k: v for k, v in (data or {}).items() if v is not None}}
     where = f"{run_dir}/config.yaml data_config" if run_dir is not None else "data"
     reject_unknown_keys(settings, {f.name for f in fields(DataConfig)}, where=where)
-    splits = load_data(DataConfig(**check_types(DataConfig, settings, where)) if settings else DataConfig())
+    splits = load_data(DataConfig(**check_types(DataConfig, settings, where)))
     model = model_for(placement or model_args.get("placement"), base or model_args.get("base", "resnet50"), splits,
                       chosen_recipe, window_size or model_args.get("window_size"))
     if checkpoint:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,7 @@ from alternas.data.datasets import DataConfig, DataSplits, load_data
 from alternas.errors import ConfigError
 from alternas.models import AlterNet, build_model
 from alternas.placement import Placement
+from alternas.train.fit import RunResult, fit
 from alternas.train.recipe import Recipe
 
 
@@ -77,14 +80,11 @@ def recipe_file_overrides(path: str | Path) -> dict[str, Any]:
 
 
 def train_run(placement: str | Placement, base: str, data: DataConfig, recipe: Recipe, out_dir: str | Path, *,
-              window_size: int | None = None, seed: int = 0, log=print, **fit_options: Any):
+              window_size: int | None = None, seed: int = 0, log: Callable[[str], None] = print,
+              **fit_options: Any) -> RunResult:
     """Train one AlterNet into a run folder as ``alternas train`` does: the data loaded, the model sized for it and
     seeded, its rebuild arguments and data settings recorded in ``config.yaml``; ``fit_options`` go to ``fit``
     (device, resume, quiet, compile_model, deterministic). ``log`` gets the one-line header (main process only)."""
-    import os
-
-    from alternas.train.fit import fit
-
     splits = load_data(data)
     model = model_for(placement, base, splits, recipe, window_size, seed=seed)
     if not fit_options.get("quiet") and int(os.environ.get("RANK", "0")) == 0:
