@@ -421,7 +421,7 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
     """Optuna search over placements; run the same command on many machines with one --storage to share a study."""
     from alternas.report import build_report
     from alternas.search.optuna_search import run_optuna
-    from alternas.search.storage import redact
+    from alternas.search.storage import redact, storage_url
 
     if study_file is None and not (base or data_name):
         base, data_name = "resnet50", "cifar100"
@@ -429,18 +429,18 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
                            out_dir, device, {
                                "optuna.trials": trials, "optuna.space": space, "optuna.sampler": sampler,
                                "optuna.pruner": pruner, "optuna.study_name": study_name, "optuna.seed": seed,
-                               "optuna.storage": storage,
                                "optuna.objectives": [o.strip() for o in objectives.split(",")] if objectives
                                else None})
     oc = config.optuna
-    where = redact(oc.storage) if oc.storage else "the journal file in the study folder"
+    url = storage_url(storage, oc.storage)  # --storage stays out of study.yaml: it may carry a password
+    where = redact(url) if url else "the journal file in the study folder"
     click.echo(f"optuna study {oc.study_name or config.name}: {oc.trials} trials in total, sampler {oc.sampler}, "
                f"objectives {list(oc.objectives)}, storage {where} -> {config.output_dir}")
     if workers > 1:
         _run_workers("optuna", config, workers, storage, quiet, retry_failed)
         from alternas.search.optuna_search import load_optuna_study
 
-        study = load_optuna_study(config)
+        study = load_optuna_study(config, url)
     else:
         _set_threads(threads)
         study = run_optuna(config, storage=storage, quiet=quiet, retry_failed=retry_failed, log=click.echo)
@@ -456,7 +456,7 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
     elif states.count("COMPLETE"):
         click.echo(f"Pareto front: {len(study.best_trials)} trials: "
                    + "; ".join(f"#{t.number} {t.user_attrs.get('placement')}" for t in study.best_trials))
-    click.echo(f"report: {build_report(config.output_dir, storage=oc.storage)}")
+    click.echo(f"report: {build_report(config.output_dir, storage=url)}")
 
 
 @main.command()

@@ -213,6 +213,8 @@ def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
     assert all(w.returncode == 0 for w in workers), [o[1][-1500:] for o in outputs]
     password = url.split("://", 1)[1].split("@")[0].partition(":")[2]
     assert all(password not in out + err for out, err in outputs)  # credentials never logged
+    saved = [p for p in (tmp_path / "study").rglob("*") if p.is_file() and p.suffix in (".yaml", ".json", ".html")]
+    assert saved and not any(password in p.read_text() for p in saved)  # ... nor written to the study folder
     study = optuna.load_study(study_name=name, storage=url)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers))

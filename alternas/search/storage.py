@@ -32,11 +32,16 @@ def redact(url: str) -> str:
     return re.sub(r"(?i)(password|token|secret)=[^&]+", r"\1=***", url)
 
 
+def storage_url(url: str | None = None, configured: str | None = None) -> str | None:
+    """Which storage URL applies: ``url`` (a flag) / ``$ALTERNAS_STORAGE`` / ``configured`` (the study file's
+    ``optuna.storage``); ``None`` means the journal file in the study folder."""
+    return url or os.environ.get("ALTERNAS_STORAGE") or configured
+
+
 def open_storage(folder: Path, url: str | None = None, configured: str | None = None, heartbeat_s: int = 30,
                  grace_period_s: int = 90) -> Any:
-    """The Optuna storage: ``url`` (a flag) / ``$ALTERNAS_STORAGE`` / ``configured`` (the study file's
-    ``optuna.storage``) / the journal file in the study ``folder``."""
-    url = url or os.environ.get("ALTERNAS_STORAGE") or configured
+    """The Optuna storage ``storage_url`` names, else the journal file in the study ``folder``."""
+    url = storage_url(url, configured)
     if not url:
         folder.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend
