@@ -10,6 +10,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
+from alternas.data import load_data
 from alternas.errors import ConfigError
 from alternas.placement import Placement
 from alternas.report.html import _importances
@@ -75,10 +76,16 @@ def test_redact_hides_credentials() -> None:
     assert "s3cret" not in redact("redis://h/0?password=s3cret")
 
 
-def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path) -> None:
+def test_optuna_search_on_the_journal_file_records_every_trial(tmp_path, monkeypatch) -> None:
+    from alternas.search import optuna_search
+
+    loads = []  # a spy: the real loader, counted
+    monkeypatch.setattr(optuna_search, "load_data", lambda cfg: loads.append(cfg) or load_data(cfg))
     config = study_from_dict(_study(tmp_path, pruner="none"))
     study = run_optuna(config, quiet=True, log=lambda _: None)
     trials = study.get_trials()
+    trained = {t.user_attrs["placement"] for t in trials if t.state == TrialState.COMPLETE}
+    assert len(trained) >= 2 and len(loads) == 1  # the dataset is decoded once per worker, not once per trial
     assert len(trials) == 4 and (Path(config.output_dir) / "optuna.journal").is_file()
     enqueued = [t.user_attrs.get("enqueued") for t in trials[:2]]
     assert enqueued == ["base", "paper"]

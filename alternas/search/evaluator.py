@@ -16,6 +16,7 @@ import json
 import shutil
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from filelock import FileLock
 from optuna import TrialPruned
 from safetensors.torch import load_file
 
-from alternas.data.datasets import DataSplits, load_data
+from alternas.data.datasets import DataConfig, DataSplits, load_data
 from alternas.diagnostics.run import diagnose
 from alternas.errors import AlternasError
 from alternas.faults import fault_point
@@ -153,11 +154,12 @@ class Evaluator:
     """Evaluates placements for one study, caching results in its folder."""
 
     def __init__(self, config: StudyConfig, folder: StudyFolder | None = None, quiet: bool = False,
-                 retry_failed: bool = False) -> None:
+                 retry_failed: bool = False, load: Callable[[DataConfig], DataSplits] = load_data) -> None:
         self.config = config
         self.folder = folder or StudyFolder(config.output_dir)
         self.quiet = quiet
         self.retry_failed = retry_failed  # train diverged candidates again, once per evaluator
+        self._load = load  # a caller that builds many evaluators on one dataset passes a caching loader
         self._data: DataSplits | None = None
         self._crashed: dict[str, CandidateResult] = {}  # crashes of this run: not retried until the next one
         self._retried: set[str] = set()
@@ -165,7 +167,7 @@ class Evaluator:
     @property
     def data(self) -> DataSplits:
         if self._data is None:
-            self._data = load_data(self.config.data)
+            self._data = self._load(self.config.data)
         return self._data
 
     def result_path(self, key: str) -> Path:

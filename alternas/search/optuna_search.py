@@ -19,6 +19,7 @@ from typing import get_args
 import optuna
 from optuna.trial import TrialState
 
+from alternas.data.datasets import DataConfig, DataSplits, load_data
 from alternas.errors import ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
@@ -143,6 +144,14 @@ class _Objective:
         self.config, self.space, self.names, self.multi, self.log = config, space, names, multi, log
         self.quiet, self.retry_failed = quiet, retry_failed
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
+        self._data: DataSplits | None = None
+
+    def _shared_data(self, config: DataConfig) -> DataSplits:
+        """Every trial trains on the study's one dataset (trials vary the base and window, never the data): loaded
+        by the first trial that trains, then reused, not decoded again per trial."""
+        if self._data is None:
+            self._data = load_data(config)
+        return self._data
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         for key, value in worker_attrs().items():
@@ -155,7 +164,7 @@ class _Objective:
             raise optuna.TrialPruned(f"invalid placement: {err}") from None
         cfg = replace(self.config, base=base, window_size=window or self.config.window_size)
         evaluator = Evaluator(cfg, StudyFolder(self.config.output_dir), quiet=self.quiet,
-                              retry_failed=self.retry_failed)
+                              retry_failed=self.retry_failed, load=self._shared_data)
         trial.set_user_attr("placement", str(placement))
         trial.set_user_attr("base", base)
         self.log(f"[trial {trial.number}] {placement} ({placement.describe()}) on {base}")
