@@ -81,7 +81,12 @@ class ImageData:
 
     def samples(self, transform: Any) -> Dataset:
         """A map-style dataset of (``transform(PIL image)``, label): the reference's per-sample pipeline."""
-        return _TensorImages(self, transform)
+        return _Samples(self.pil_image, self.labels, transform)
+
+    def pil_image(self, i: int) -> Any:
+        from PIL import Image
+
+        return Image.fromarray(self.images[i].permute(1, 2, 0).numpy())
 
     def digest(self) -> str:
         """A short content hash of the images and labels, in order (evidence files name their split by it)."""
@@ -89,6 +94,11 @@ class ImageData:
         h.update(np.ascontiguousarray(self.labels.cpu().numpy()).tobytes())
         h.update(np.ascontiguousarray(self.images.cpu().numpy()).tobytes())
         return h.hexdigest()[:16]
+
+
+def decoded_bytes(count: int, image_size: int) -> int:
+    """Bytes of ``count`` RGB images of ``image_size`` as uint8 tensors (the in-memory path's cost)."""
+    return count * 3 * image_size**2
 
 
 @dataclass
@@ -115,7 +125,7 @@ class ImageFiles:
 
     def decoded_bytes(self) -> int:
         """What this set takes as in-memory uint8 tensors."""
-        return len(self) * 3 * self.image_size**2
+        return decoded_bytes(len(self), self.image_size)
 
     def eval_crop(self, crop_pct: float | None = None) -> list[Any]:
         """Resize the shorter side to ``image_size / crop_pct`` (bicubic) and centre-crop ``image_size``: timm's and
@@ -127,7 +137,17 @@ class ImageFiles:
         return [T.Resize(scale, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(self.image_size)]
 
     def samples(self, transform: Any) -> Dataset:
-        return _FileImages(self, transform)
+        return _Samples(self.pil_image, self.labels, transform)
+
+    def pil_image(self, i: int) -> Any:
+        """Image ``i`` as an RGB PIL image (torchvision's ``default_loader``)."""
+        from torchvision.datasets.folder import default_loader
+
+        path = self.paths[i]
+        try:
+            return default_loader(path)
+        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+            raise DataError(f"cannot read image {path} ({type(err).__name__}); replace or remove the file") from None
 
     def load(self, crop_pct: float | None = None) -> ImageData:
         """Decode every image through ``eval_crop(crop_pct)`` into one uint8 tensor (DataLoader workers decode; the
@@ -161,40 +181,17 @@ class ImageFiles:
         return h.hexdigest()[:16]
 
 
-class _TensorImages(Dataset):
-    """uint8 tensors -> PIL -> a torchvision/timm transform, per sample."""
+class _Samples(Dataset):
+    """(``transform(PIL image)``, label) per index, whichever way a split holds its images (``read``)."""
 
-    def __init__(self, data: ImageData, transform: Any) -> None:
-        self.data, self.transform = data, transform
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> tuple[Any, int]:
-        from PIL import Image
-
-        img = Image.fromarray(self.data.images[i].permute(1, 2, 0).numpy())
-        return self.transform(img), int(self.data.labels[i])
-
-
-class _FileImages(Dataset):
-    """Image files -> RGB PIL image (torchvision's ``default_loader``) -> a transform, per sample."""
-
-    def __init__(self, files: ImageFiles, transform: Any) -> None:
-        self.files, self.transform = files, transform
+    def __init__(self, read: Any, labels: torch.Tensor, transform: Any) -> None:
+        self.read, self.labels, self.transform = read, labels, transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Any, int]:
-        from torchvision.datasets.folder import default_loader
-
-        path = self.files.paths[i]
-        try:
-            img = default_loader(path)
-        except (OSError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise DataError(f"cannot read image {path} ({type(err).__name__}); replace or remove the file") from None
-        return self.transform(img), int(self.files.labels[i])
+        return self.transform(self.read(i)), int(self.labels[i])
 
 
 @dataclass
@@ -249,6 +246,11 @@ class DataConfig:
         return self.name.startswith("imagefolder:")
 
     @property
+    def folder_image_size(self) -> int:
+        """The size an image folder's images are resized and cropped to."""
+        return self.image_size or 32
+
+    @property
     def eval_crop_pct(self) -> float:
         """The evaluation crop fraction of an image folder (CIFAR and the built-in sets are evaluated whole)."""
         return self.crop_pct if self.crop_pct is not None else 0.875 if self.is_imagefolder else 1.0
@@ -260,9 +262,9 @@ class DataConfig:
             return False
         if self.stream == "always":
             return True
-        train, test = _list_imagefolder(_folder_path(self.name))[:2]
+        train, test = _list_imagefolder(_folder_path(self.name))[:2]  # counted from the cached listing
         n_train = len(train) if self.subset is None else min(self._subset_count(len(train)), len(train))
-        return (n_train + len(test)) * 3 * (self.image_size or 32) ** 2 > self.max_in_memory_gb * 2**30
+        return decoded_bytes(n_train + len(test), self.folder_image_size) > self.max_in_memory_gb * 2**30
 
     def _subset_count(self, n: int) -> int:
         return int(self.subset) if self.subset > 1 else round(self.subset * n)
@@ -430,7 +432,7 @@ def _imagefolder_files(cfg: DataConfig) -> tuple[ImageFiles, ImageFiles, list[st
 
     def files(samples: list[tuple[str, int]]) -> ImageFiles:
         return ImageFiles(str(path), [p for p, _ in samples], torch.tensor([c for _, c in samples], dtype=torch.int64),
-                          cfg.image_size or 32, cfg.eval_crop_pct)
+                          cfg.folder_image_size, cfg.eval_crop_pct)
 
     return files(train), files(test), classes
 
