@@ -215,6 +215,7 @@ def test_claims_command_on_a_finished_build_up(tmp_path) -> None:
     page = (root / "report.html").read_text()
     assert "The paper&#x27;s claims on this study" in page or "The paper's claims on this study" in page
     shown = assert_report_renders(root / "report.html", min_figures=6)
-    assert any(f["traces"] >= 4 for f in shown.figures)  # the claims figure: a marker per measured claim
+    if shown is not None:  # None: no browser here (outside CI), only the browser checks are left out
+        assert any(f["traces"] >= 4 for f in shown.figures)  # the claims figure: a marker per measured claim
     bad = run_cli("claims", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "has no build-up trajectory" in bad.stderr

@@ -169,22 +169,32 @@ _CAPPED = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")
 def test_a_folder_larger_than_the_memory_cap_streams_where_decoding_it_fails(tmp_path) -> None:
-    """400 images of 520 x 520: 0.28 GiB decoded at 512 px, with 0.23 GiB of address space to spare."""
-    write_imagefolder(tmp_path / "big", classes=2, per_class=180, val_per_class=20, size=(520, 520), ext="jpg")
+    """960 small JPEGs evaluated at 512 px: 0.70 GiB to decode into memory, with 0.47 GiB of address space to spare.
+
+    Under RLIMIT_AS every DataLoader worker is capped too: its address space is the parent's (forked) plus its
+    decoded samples, the shared-memory batch it fills, and glibc's heap, which with the default dynamic mmap
+    threshold kept growing from freed 3 MiB samples (a worker's peak over the parent's start: 0.14 to 0.40 GiB
+    between identical runs; the earlier 0.23 GiB headroom failed in a worker now and then). A fixed threshold
+    returns large buffers at once (0.15-0.20 GiB, both measured with 2 workers, batch 8 at 512 px); small source
+    images upscaled to 512 px keep the set large to decode and quick to read."""
+    write_imagefolder(tmp_path / "big", classes=2, per_class=450, val_per_class=30, size=(64, 64), ext="jpg")
     script = tmp_path / "capped.py"
     script.write_text(_CAPPED)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}  # thread stacks and arenas are mapped too
+    # what glibc maps beside the data: thread stacks and malloc arenas (few threads, two arenas), and a heap that
+    # grows when freed 3 MiB samples move its dynamic mmap threshold up (a fixed threshold returns them at once)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
 
     def run(stream: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(script), str(tmp_path / "big"), stream, "240"], env=env,
+        return subprocess.run([sys.executable, str(script), str(tmp_path / "big"), stream, "480"], env=env,
                               capture_output=True, text=True, timeout=300)
 
-    never = run("never")
+    never = run("never")  # 810 training images x 3 x 512 x 512 = 0.59 GiB, allocated before decoding: fails
     assert never.returncode == 3, never.stdout + never.stderr
     assert "GiB in memory, more than this process can allocate" in never.stdout
-    auto = run("auto")  # 0.28 GiB > max_in_memory_gb 0.1: streamed
+    auto = run("auto")  # 0.70 GiB > max_in_memory_gb 0.1: streamed
     assert auto.returncode == 0, auto.stdout + auto.stderr
-    assert "streamed from disk" in auto.stdout and auto.stdout.strip().endswith("| 360")  # 320 train + 40 test
+    # 808 training images (full batches of 8) + 60 test
+    assert "streamed from disk" in auto.stdout and auto.stdout.strip().endswith("| 868")
 
 
 def test_the_streaming_benchmark_times_both_paths_on_one_generated_folder() -> None:

@@ -156,7 +156,9 @@ class ImageFiles:
 
         size = self.image_size
         transform = T.Compose([*self.eval_crop(crop_pct), T.PILToTensor()])
-        workers = min(8, os.cpu_count() or 1) if len(self) >= 512 else 0  # below that, starting workers costs more
+        from alternas.data.loader import loader_workers
+
+        workers = loader_workers(8) if len(self) >= 512 else 0  # below that, starting workers costs more
         try:
             images = torch.empty((len(self), 3, size, size), dtype=torch.uint8)
             start = 0

@@ -8,6 +8,7 @@ and per-sample timm/torchvision transforms.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,21 @@ import torch
 from torch.utils.data import DataLoader
 
 from alternas.data.datasets import ImageData, ImageFiles
+from alternas.errors import DataError
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the OS has one (a container's or ``taskset``'s
+    share), else every CPU. PyTorch checks DataLoader workers against the same number."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(requested: int) -> int:
+    """DataLoader workers to start: the recipe's count as the upper bound, capped by the usable CPUs (more workers
+    than CPUs only compete for them, and PyTorch warns twice per loader). The augmentation stream of each batch
+    follows the worker that drew it, so a run on fewer CPUs than ``recipe.workers`` draws other (equally random)
+    augmentations than one on more."""
+    return max(0, min(requested, usable_cpus()))
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -118,11 +134,28 @@ class TensorLoader:
             self.augment_generator.set_state(state["augment_generator"])
 
 
+# how PyTorch reports a batch that a worker could not put into (or this process could not map from) shared memory
+_NO_SHARED_MEMORY = ("unable to mmap", "Cannot allocate memory", "No space left on device", "unable to open shared",
+                     "shared memory")
+
+
 class SeededDataLoader(DataLoader):
     """A ``DataLoader`` whose shuffle and worker seeds come from its own generator, saved in checkpoints: each
     epoch draws the permutation and the workers' base seed from it, so restoring it replays the next epoch's
     order and augmentations exactly (in the main process the transforms draw from the global RNGs, which the
     checkpoint restores too)."""
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from super().__iter__()
+        except RuntimeError as err:
+            if not any(sign in str(err) for sign in _NO_SHARED_MEMORY):
+                raise
+            cause = str(err).rstrip().splitlines()[-1]
+            raise DataError(f"a DataLoader batch did not fit in shared memory ({cause}): every batch in flight is "
+                            "mapped by its worker and by this process; lower recipe.batch_size or recipe.workers "
+                            "(0 decodes in this process), or raise the limit (ulimit -v; /dev/shm in a container)"
+                            ) from None
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
@@ -157,6 +190,7 @@ def pil_loader(
                                      drop_last=True)
     gen = torch.Generator().manual_seed(augment_seed(seed, rank))  # per rank: workers augment differently
     return SeededDataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, num_workers=workers,
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=loader_workers(workers),
         generator=gen, persistent_workers=False, pin_memory=torch.cuda.is_available(), drop_last=drop_last,
     )

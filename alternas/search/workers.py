@@ -17,6 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from alternas.data.loader import usable_cpus
+
 
 def visible_gpus() -> list[str]:
     """The CUDA devices this process may use, as ``CUDA_VISIBLE_DEVICES`` entries."""
@@ -28,8 +30,7 @@ def visible_gpus() -> list[str]:
 
 def worker_settings(workers: int) -> list[tuple[dict[str, str], int]]:
     """For each of ``workers`` local workers: its environment overrides and its torch thread count."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = max(1, cores // workers)
+    threads = max(1, usable_cpus() // workers)
     gpus = visible_gpus()
     settings = []
     for i in range(workers):

@@ -248,8 +248,9 @@ def fit(
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=dev)
             seen = 0
+            # disable=None: a bar only on a terminal (tqdm's convention); a log file gets the epoch lines alone
             bar = tqdm(train_batches, total=steps, desc=f"epoch {epoch + 1}/{total}", leave=False,
-                       disable=quiet or not is_main, dynamic_ncols=True)
+                       disable=True if quiet or not is_main else None, dynamic_ncols=True)
             for step, (x, y) in enumerate(bar):
                 x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
                 if mixup is not None:
