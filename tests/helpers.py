@@ -135,3 +135,29 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         stderr += "".join(traceback.format_exception(result.exception))
     return subprocess.CompletedProcess(["alternas", *args], result.exit_code, result.stdout, stderr)
+
+
+def write_idx(root: Path, n_train: int = 60, n_test: int = 20, seed: int = 0, gz: bool = False
+              ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The MNIST family's four idx files in ``root`` (big-endian magic 0x00000803 with dims N, 28, 28 for images,
+    0x00000801 with N for labels; gzipped as distributed with ``gz``); returns {"train"|"test": (images, labels)}.
+    Labels cycle through the 10 classes in a seeded order."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.permutation(np.arange(n) % 10).astype(np.uint8)
+        image_file = struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes()
+        label_file = struct.pack(">II", 0x801, n) + labels.tobytes()
+        for stem, payload in ((f"{prefix}-images-idx3-ubyte", image_file), (f"{prefix}-labels-idx1-ubyte", label_file)):
+            if gz:
+                with gzip.open(root / f"{stem}.gz", "wb") as fh:
+                    fh.write(payload)
+            else:
+                (root / stem).write_bytes(payload)
+        written[split] = (images, labels)
+    return written

@@ -54,8 +54,8 @@ def test_imagefolder_errors(tmp_path) -> None:
 
 
 def test_unknown_dataset() -> None:
-    with pytest.raises(DataError, match="unknown dataset 'mnist'"):
-        load_data(DataConfig("mnist"))
+    with pytest.raises(DataError, match="unknown dataset 'emnist'; choose .*fashion-mnist"):
+        load_data(DataConfig("emnist"))
 
 
 def test_builtin_generator_is_deterministic_by_seed() -> None:

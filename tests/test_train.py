@@ -159,7 +159,7 @@ def test_data_parallel_with_two_cpu_processes(tmp_path) -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--data", "mnist"], "unknown dataset 'mnist'"),
+        (["--data", "emnist"], "unknown dataset 'emnist'"),
         (["--data", "cifar100"], "put the extracted 'cifar-100-python/' folder"),
         (["--set", "lr_warm=3"], "unknown recipe key 'lr_warm'"),
         (["--recipe", "slow"], "unknown recipe 'slow'"),

@@ -1,8 +1,10 @@
 """Dataset registry: every dataset becomes labelled images split into train / val / test.
 
 Names: ``cifar10``, ``cifar100`` (torchvision's download, read from the python-pickle files), ``imagefolder:PATH``
-(``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules), and
-the built-in ``shapes`` / ``textures`` (see ``synthetic.py``). The validation split is carved from the training set
+(``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules),
+``fashion-mnist``, ``mnist``, ``kmnist`` (the original idx files from --data-root, Debian's ``dataset-fashion-mnist``
+or torchvision's download; 28 px grey held as 32 px RGB, see ``_grey28_to_rgb32``), and the built-in ``shapes`` /
+``textures`` (see ``synthetic.py``). The validation split is carved from the training set
 (seeded, class-balanced) so that searches never select on the test set.
 
 A split is held one of two ways. ``ImageData``: uint8 tensors in memory (the fast path: the tensor loader augments
@@ -15,10 +17,14 @@ transforms then run on the original images (RandomResizedCrop on the full pictur
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import math
 import os
 import pickle
+import shutil
+import tempfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,13 +49,26 @@ _CIFAR_LAYOUT = {  # folder, train files, test file, label key, meta file, names
     "cifar100": ("cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names",
                  "cifar-100-python.tar.gz"),
 }
+# The MNIST family: four idx files each, 28 px grey. Per name: torchvision's class (its download lands in
+# ``<root>/<class>/raw``) and the class names.
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_IDX_LAYOUT = {
+    "fashion-mnist": ("FashionMNIST", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                                       "Sneaker", "Bag", "Ankle boot")),
+    "mnist": ("MNIST", tuple("0123456789")),
+    "kmnist": ("KMNIST", ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo")),
+}
+# Folders a system package installs the idx files into (gzipped), searched after --data-root; and the package
+IDX_SYSTEM_PATHS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
+_IDX_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 BUILTIN = ("shapes", "textures")
 BUILTIN_SIZES = {"train": 6000, "test": 1000}
 # Geometric augmentations a recipe may apply; a dataset names those that change what its labels mean.
 AUGMENTATIONS = ("hflip", "rotate", "shear")
 # textures: a grating's orientation is its label, and a mirror maps θ to 180° − θ (36° <-> 144°, 72° <-> 108°);
 # RandAugment's rotations (±30°) and shears blur 36° steps.
-LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear")}
+# mnist, kmnist: a mirrored digit or character is not the same class (or none at all); clothes mirror into clothes.
+LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear"), "mnist": ("hflip",), "kmnist": ("hflip",)}
 
 
 @dataclass
@@ -386,6 +405,117 @@ def _load_cifar(name: str, root: Path) -> tuple[ImageData, ImageData, list[str]]
     return read(train_files), read([test_file]), names
 
 
+# Not torchvision's MNIST / FashionMNIST / KMNIST classes: their ``_check_exists`` wants their own folder layout and
+# the official MD5s, and names no missing file. Their idx reader is used, and their download where no folder holds
+# the files.
+def _idx_folders(name: str, root: Path) -> list[Path]:
+    """Where ``name``'s idx files are looked for, in order: --data-root, torchvision's download folder under it, then
+    the system package's folder."""
+    folders = [root, root / _IDX_LAYOUT[name][0] / "raw"]
+    if name in IDX_SYSTEM_PATHS:
+        folders.append(Path(IDX_SYSTEM_PATHS[name]))
+    return folders
+
+
+def _idx_set(folders: list[Path]) -> tuple[Path, list[Path | None]] | None:
+    """The first folder holding any of the idx files, with each file's path there (plain before ``.gz``: torchvision's
+    download leaves both) or None where it lacks one; one set is never mixed from two folders."""
+    for folder in folders:
+        paths = [next((p for p in (folder / stem, folder / f"{stem}.gz") if p.is_file()), None) for stem in IDX_FILES]
+        if any(paths):
+            return folder, paths
+    return None
+
+
+def _idx_fix(name: str, root: Path) -> str:
+    put = f"put the four idx files (plain or .gz) in {root} (or pass --data-root / set ALTERNAS_DATA)"
+    return f"apt-get install {_IDX_PACKAGES[name]}, or {put}" if name in _IDX_PACKAGES else put
+
+
+def _ensure_idx(name: str, root: Path) -> list[Path]:
+    """The four idx files of ``name`` (``IDX_FILES`` order); downloads them into ``root`` (torchvision) when no folder
+    holds any."""
+    folders = _idx_folders(name, root)
+    searched = ", ".join(map(str, folders))
+    found = _idx_set(folders)
+    if found is None:
+        from torchvision import datasets
+
+        try:
+            if os.environ.get("ALTERNAS_OFFLINE"):
+                raise ConnectionError("ALTERNAS_OFFLINE is set")
+            root.mkdir(parents=True, exist_ok=True)
+            getattr(datasets, _IDX_LAYOUT[name][0])(str(root), train=True, download=True)
+        except Exception as err:  # no network, a proxy, a full disk...: all end in the same instruction
+            reason = " ".join(f"{type(err).__name__}: {err}".split())  # torchvision's download error spans lines
+            raise DataError(f"{name}: {IDX_FILES[0]}[.gz] is in none of {searched} and could not be downloaded "
+                            f"({reason}); {_idx_fix(name, root)}") from None
+        found = _idx_set(folders) or (folders[1], [None] * len(IDX_FILES))
+    folder, paths = found
+    if None in paths:
+        raise DataError(f"{name}: {IDX_FILES[paths.index(None)]}[.gz] is missing from {folder} (searched {searched}); "
+                        f"{_idx_fix(name, root)}")
+    return paths
+
+
+def _read_idx(name: str, path: Path, reader: Any) -> torch.Tensor:
+    """One idx file through torchvision's ``reader``, which opens a path: a ``.gz`` is decompressed into a temporary
+    file first. Its checks are asserts (on the magic number) and numpy/torch errors; any of them is this file's."""
+    try:
+        if path.suffix != ".gz":
+            return reader(str(path))
+        with gzip.open(path, "rb") as src, tempfile.NamedTemporaryFile() as tmp:
+            shutil.copyfileobj(src, tmp)
+            tmp.flush()
+            return reader(tmp.name)
+    except (AssertionError, KeyError, ValueError, TypeError, RuntimeError, OSError, EOFError, zlib.error) as err:
+        reason = "bad magic number" if isinstance(err, AssertionError) else f"{type(err).__name__}: {err}"
+        raise DataError(f"{name}: {path} is not a valid idx file ({reason}); replace it with the original") from None
+
+
+def _grey28_to_rgb32(images: torch.Tensor) -> torch.Tensor:
+    """(N, 28, 28) grey to (N, 3, 32, 32): every base, diagnostic and the timm export take RGB at CIFAR's 32 px, so the
+    grey channel is repeated and a 2 px frame of black (the background) is added; the stages then see 32/16/8/4 px
+    as on CIFAR, where the window sizes fit."""
+    out = torch.zeros((len(images), 3, 32, 32), dtype=torch.uint8)
+    out[:, :, 2:30, 2:30] = images[:, None]
+    return out
+
+
+def _grey_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std (0-1 scale) of grey images held as RGB, per channel, from the histogram of one channel's values:
+    exact, with no float copy of the set. Computed on the padded images, which are what the model sees."""
+    counts = torch.bincount(images[:, 0].flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255
+    n = counts.sum()
+    mean = float((counts * values).sum() / n)
+    std = math.sqrt(max(float((counts * values**2).sum() / n) - mean**2, 0.0)) or 1.0  # 1: a blank set stays finite
+    return (round(mean, 4),) * 3, (round(std, 4),) * 3
+
+
+def _load_idx(name: str, root: Path) -> tuple[ImageData, ImageData, list[str]]:
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    train_images, train_labels, test_images, test_labels = _ensure_idx(name, root)
+    num_classes = len(_IDX_LAYOUT[name][1])
+
+    def read(images_path: Path, labels_path: Path) -> ImageData:
+        images = _read_idx(name, images_path, read_image_file)
+        labels = _read_idx(name, labels_path, read_label_file)
+        if tuple(images.shape[1:]) != (28, 28):
+            raise DataError(f"{name}: {images_path} holds {tuple(images.shape[1:])} images, not the 28x28 of the "
+                            "MNIST family; replace it with the original")
+        if len(images) != len(labels):
+            raise DataError(f"{name}: {images_path} holds {len(images)} images but {labels_path} {len(labels)} "
+                            "labels; replace them with the originals")
+        if len(labels) and int(labels.max()) >= num_classes:
+            raise DataError(f"{name}: {labels_path} holds label {int(labels.max())}, outside 0-{num_classes - 1}; "
+                            "replace it with the original")
+        return ImageData(_grey28_to_rgb32(images), labels)
+
+    return read(train_images, train_labels), read(test_images, test_labels), list(_IDX_LAYOUT[name][1])
+
+
 def _folder_path(name: str) -> Path:
     path = Path(name.split(":", 1)[1]).expanduser()
     if not path.is_dir():
@@ -470,12 +600,17 @@ def load_data(config: DataConfig | str) -> DataSplits:
         train, test, names = _load_cifar(name, data_root(cfg.root))
         num_classes = 10 if name == "cifar10" else 100
         mean, std = CIFAR_STATS[name]
+    elif name in _IDX_LAYOUT:
+        train, test, names = _load_idx(name, data_root(cfg.root))
+        num_classes = len(names)
+        mean, std = _grey_stats(train.images)  # of the whole training set: the same for every subset and seed
     elif cfg.is_imagefolder:
         train, test, names = _imagefolder_files(cfg)
         num_classes = len(names)
         mean, std = IMAGENET_STATS
     else:
-        raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, shapes, textures or imagefolder:PATH")
+        raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, mnist, kmnist, "
+                        "shapes, textures or imagefolder:PATH")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.subset is not None:
