@@ -43,6 +43,14 @@ from alternas.search.study import StudyConfig, StudyFolder
 from alternas.train.evidence import Evidence, load_evidence
 
 POLL_S = 1.0  # how often an idle worker looks for work while others train what the search needs
+ONE_SEED = ("one seed per comparison: seed noise is not counted, so its accept/reject rates are not calibrated "
+            "(a null simulation accepted 15-28 % instead of <= 10 %); give seeds: [0, 1, 2] for calibrated decisions")
+CRASH_ATTEMPTS = 3  # a run that crashes this often in one worker stops it: a crash is never evidence
+
+
+class EvaluationCrashed(AlternasError):
+    """A run kept crashing (out of memory, a bug): no decision may rest on it, so the search stops for the user to
+    fix the cause; every finished evaluation is kept and the run resumes from its checkpoint."""
 
 
 @dataclass
@@ -60,8 +68,9 @@ class Step:
     decision: str  # start | accept | reject
     best_after: str
     incumbent: str | None = None  # what the step was compared with
-    gain_ci: list[float] | None = None  # interval of the gain at the study's confidence
-    p_gain: float | None = None  # P(true gain > min_gain)
+    gain_ci: list[float] | None = None  # the decision's interval (Comparison.bounds): accept iff its lower end is at
+    # or above min_gain, reject iff its upper end is at or below it (a screened step: against 0, at the screen)
+    p_gain: float | None = None  # P(true gain > min_gain); a screened step: P(gain > 0) at the screen
     seeds_used: list[int] = field(default_factory=list)
     decided_by: str | None = None  # confidence | seed budget | screen | failure | threshold (given scores only)
 
@@ -78,7 +87,7 @@ class Verdict:
 
     @classmethod
     def from_comparison(cls, c: Comparison | None, accepted: bool, decided_by: str) -> Verdict:
-        return cls(accepted, decided_by) if c is None else cls(accepted, decided_by, c.gain, c.ci, c.p_gain)
+        return cls(accepted, decided_by) if c is None else cls(accepted, decided_by, c.gain, c.bounds, c.p_gain)
 
 
 class BuildupPolicy:
@@ -258,7 +267,8 @@ class _Stop(Exception):
 
 
 class _ChildFailed(Exception):
-    """A child's run diverged or crashed (or the incumbent has no finished run to pair with): no gain."""
+    """A child's run diverged (or the incumbent has no finished run to pair with): no gain. A crash is not a
+    failure of the child: it is run again."""
 
     def __init__(self, result: CandidateResult, runs: list[CandidateResult] = ()) -> None:
         super().__init__(result.error)
@@ -335,7 +345,7 @@ class _Racer:
         if found is None and stop_after is not None:
             eid = evaluation_id(key, stop_after)
             found = self.lookup(eid)
-        if found is None:
+        if found is None or found.result.status == "failed":  # a crash is never evidence: run it again
             raise _Missing([EvaluationRequest(placement, seed, key, parent_key, stop_after)])
         self.fetched[eid] = found
         return found
@@ -487,7 +497,8 @@ class _Racer:
 
     def _screen(self, child: str, incumbent: str) -> None:
         """Early look at ``screen_at`` of the epochs on the first ``min_seeds`` seeds: a child confidently worse
-        there stops (its checkpoint stays, so it resumes if it is ever needed again)."""
+        than its incumbent there (P(gain > 0) <= 1 - confidence) stops; its checkpoint stays, so it resumes if it
+        is ever needed again. Not confidently better by ``min_gain`` is no reason to stop: MSA nets often lag early."""
         epoch = self.screen_at
         if epoch is None:
             return
@@ -500,10 +511,11 @@ class _Racer:
         if not pairs:
             return
         look = compare_paired(np.stack([c.at(epoch) for c, _ in pairs]), np.stack([p.at(epoch) for _, p in pairs]),
-                              self.b.min_gain, self.b.confidence)
+                              0.0, self.b.confidence)
         verdict = "confidently worse -> stopped" if look.decision == "reject" else "-> training on"
         self.say(("screen", self.step, child),
-                 f"    screen at epoch {epoch}: {look.describe().rsplit('  ', 1)[0]}  {verdict}")
+                 f"    screen at epoch {epoch}: gain {look.gain:+.2f} pp, upper bound {look.bounds[1]:+.2f}  "
+                 f"P(gain > 0) = {look.p_gain:.2f} (stop <= {1 - look.confidence:.2g})  {verdict}")
         if look.decision == "reject":
             raise _Screened(look, [c.result for c, _ in pairs])
 
@@ -638,6 +650,8 @@ def run_buildup(
     selection_split = evaluator.data.selects_on
     if selection_split == "test":
         log(SELECTS_ON_TEST)
+    if config.seed_budget[1] == 1:
+        log(ONE_SEED)
     board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)
     worker = _Worker(config, evaluator, board, log)
     began = time.perf_counter()
@@ -658,6 +672,7 @@ class _Worker:
         self.printed: set[tuple] = set()
         self.keys: dict[tuple, str] = {}
         self.epochs_trained = 0
+        self.crashes: dict[str, int] = {}  # evaluation id -> crashes of it in this worker
 
     def say(self, key: tuple, line: str) -> None:
         if key not in self.printed:
@@ -683,8 +698,8 @@ class _Worker:
             if plan.replay.stopped_by is not None:
                 return plan.replay
             for request, weight in plan.requests:
-                if request.id in running:
-                    continue
+                if request.id in running or (weight < 1.0 and self.crashes.get(request.id, 0) >= CRASH_ATTEMPTS):
+                    continue  # another worker's, or speculative and crashing: left until a decision needs it
                 trial = self.board.claim(request)
                 if trial is not None:
                     self._evaluate(request, weight, trial, plan.replay.blocked.step, done)
@@ -701,7 +716,7 @@ class _Worker:
     def _evaluate(self, request: EvaluationRequest, weight: float, trial: int, step: int,
                   done: dict[str, Evaluated]) -> None:
         parent = done[evaluation_id(request.parent_key)].result if request.parent_key else None
-        fresh = not self.evaluator.has_result(request.placement, request.seed, parent)
+        fresh = request.id in self.crashes or not self.evaluator.has_result(request.placement, request.seed, parent)
         if fresh:
             what = "  control (continued)" if parent is not None and parent.placement == request.placement else \
                 "  warm start" if parent is not None else ""
@@ -717,7 +732,8 @@ class _Worker:
         try:
             with self.board.heartbeat(trial):
                 result = self.evaluator.evaluate(request.placement, request.seed, parent=parent,
-                                                 stop_after=request.stop_after, epoch_callback=still_needed)
+                                                 stop_after=request.stop_after, epoch_callback=still_needed,
+                                                 retry_crash=True)
         except EvaluationCancelled:
             self.board.release(trial, "cancelled")
             self.log(f"    {request.placement} seed {request.seed}: no longer needed, stopped (its checkpoint stays)")
@@ -728,8 +744,21 @@ class _Worker:
         self.board.record(trial, Evaluated.from_run(result, [screen_epoch(self.config)]))
         if fresh:
             self.epochs_trained += result.epochs_trained
-            if result.status not in ("completed", "paused"):
+            if result.status not in ("completed", "paused", "failed"):
                 self.log(f"    {result.status}: {result.error}")
+        if result.status == "failed":
+            self._crashed(request, result, weight)
+
+    def _crashed(self, request: EvaluationRequest, result: CandidateResult, weight: float) -> None:
+        """A crash is asked for again, never decided on; a run a decision needs crashing ``CRASH_ATTEMPTS`` times
+        stops the search (a speculative one is left alone until a decision needs it)."""
+        attempts = self.crashes[request.id] = self.crashes.get(request.id, 0) + 1
+        if attempts >= CRASH_ATTEMPTS and weight == 1.0:
+            raise EvaluationCrashed(
+                f"{request.placement} seed {request.seed} crashed {attempts} times ({result.error}); see "
+                f"{result.run_dir}/error.log, fix the cause and run the command again (every finished evaluation "
+                "is kept, and this run resumes from its last checkpoint)")
+        self.log(f"    crashed ({result.error}); not evidence: trying again ({attempts}/{CRASH_ATTEMPTS - 1} retries)")
 
 
 def _trajectory(replay: Replay, config: StudyConfig, selection_split: str, done: dict[str, Evaluated]) -> dict:

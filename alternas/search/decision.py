@@ -20,6 +20,11 @@ else ``undecided``. A sequential comparison looks several times at growing evide
 rate at ``1 - confidence`` over all its looks, ``looks=L`` asks for ``p_gain >= 1 - (1 - confidence) / L`` to
 accept (Bonferroni over the planned looks). Rejecting needs no such correction: an undecided comparison is
 rejected at the end anyway. ``tests/test_decision.py`` checks both rates by simulation.
+
+What a reader sees is the same rule as an interval, ``bounds``: its lower end is the one-sided bound at the accept
+level, its upper end the one-sided bound at ``confidence``. The comparison accepts exactly when the lower end is at
+or above ``min_gain``, rejects exactly when the upper end is at or below it, and is undecided while the interval
+holds it strictly.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Comparison:
     min_gain: float
     confidence: float
     accept_at: float  # p_gain needed to accept (confidence, raised for the looks of a sequential comparison)
+    bounds: tuple[float, float]  # the decision's interval: accept iff bounds[0] >= min_gain, reject iff bounds[1] <=
     se: float
     df: float
     n_seeds: int
@@ -50,9 +56,10 @@ class Comparison:
     seed_gains: tuple[float, ...]  # the gain seed by seed, pp
 
     def describe(self) -> str:
-        """One line for the terminal: gain, interval, probability, decision."""
-        return (f"gain {self.gain:+.2f} pp [{self.ci[0]:+.2f}, {self.ci[1]:+.2f}]  "
-                f"P(gain > {self.min_gain:g}) = {self.p_gain:.2f}  {self.decision}")
+        """One line for the terminal: gain, the decision's interval, probability against the thresholds, decision."""
+        return (f"gain {self.gain:+.2f} pp [{self.bounds[0]:+.2f}, {self.bounds[1]:+.2f}]  "
+                f"P(gain > {self.min_gain:g}) = {self.p_gain:.2f} (accept >= {self.accept_at:.3g}, reject <= "
+                f"{1 - self.confidence:.2g})  {self.decision}")
 
 
 def gain_variance(diff: np.ndarray) -> tuple[float, float]:
@@ -99,16 +106,18 @@ def compare_paired(
     gain = float(diff.mean())
     variance, df = gain_variance(diff)
     se = math.sqrt(max(variance, 0.0))
+    accept_at = 1 - (1 - confidence) / max(looks, 1)
     if se > 0:
         p_gain = float(stats.t.cdf((gain - min_gain) / se, df))
         half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
+        bounds = (gain - float(stats.t.ppf(accept_at, df)) * se, gain + float(stats.t.ppf(confidence, df)) * se)
     else:  # identical outcomes everywhere: the sign of the difference is all there is
         p_gain = 0.5 if gain == min_gain else float(gain > min_gain)
         half = 0.0
-    accept_at = 1 - (1 - confidence) / max(looks, 1)
+        bounds = (gain, gain)
     decision = "accept" if p_gain >= accept_at else "reject" if p_gain <= 1 - confidence else "undecided"
-    return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, se, df,
-                      n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)))
+    return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, bounds,
+                      se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)))
 
 
 @dataclass

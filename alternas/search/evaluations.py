@@ -4,8 +4,9 @@ An evaluation (a placement trained with a seed, to the end or paused at the scre
 parameters (``seed``, ``epochs``, ``num_msa``; the placement in a user attr) in the study ``<name>:buildup`` of the
 storage. Its life uses Optuna's own states: WAITING (asked for), RUNNING (claimed by one worker, with heartbeats on
 RDB storages), COMPLETE (its result and the per-example evidence decisions read, as user attributes) or FAIL (a
-crash, with its result; or a dead, interrupted or cancelled worker, without one: asked for again). Decisions
-therefore need no shared filesystem: any worker on any machine replays them from the storage alone.
+crash, with its result; or a dead, interrupted or cancelled worker, without one). A FAIL is never evidence: the
+evaluation is asked for again. Decisions therefore need no shared filesystem: any worker on any machine replays
+them from the storage alone.
 
 Claiming is Optuna's compare-and-set from WAITING to RUNNING (what ``study.optimize`` uses for enqueued trials).
 Two workers may each ask for the same evaluation before seeing the other's trial; then each claims its own twin,
@@ -73,15 +74,11 @@ class SharedEvaluations:
         return all(trial.user_attrs.get(k) == v for k, v in self.me.items())
 
     def _counts(self, trial: FrozenTrial) -> bool:
-        """Whether a finished trial stands for its evaluation in this worker's view. A crash counts only for the
-        worker that had it (any other retries it, as a new run would); with ``retry_failed`` a divergence counts
-        only once this worker has run it again."""
+        """Whether a finished trial stands for its evaluation in this worker's view: a COMPLETE one (a crash is a
+        FAIL and never evidence: it is asked for again); with ``retry_failed`` a divergence counts only once this
+        worker has run it again."""
         result = trial.user_attrs.get("result")
-        if result is None:
-            return False
-        if trial.state == TrialState.FAIL:
-            return result["status"] == "failed" and self._mine(trial)
-        if trial.state != TrialState.COMPLETE:
+        if result is None or trial.state != TrialState.COMPLETE:
             return False
         return not (self.retry_failed and result["status"] == "diverged") or self._mine(trial)
 
@@ -95,8 +92,8 @@ class SharedEvaluations:
             evaluation = trial.user_attrs["evaluation"]
             if trial.state == TrialState.RUNNING:
                 running.add(evaluation)
-            elif self._counts(trial) and (evaluation not in done or done[evaluation].result.status == "failed"):
-                done[evaluation] = self._decode(trial)  # a finished run beats an earlier crash
+            elif self._counts(trial) and evaluation not in done:
+                done[evaluation] = self._decode(trial)
         return Snapshot(done, running)
 
     def _decode(self, trial: FrozenTrial) -> Evaluated:
@@ -148,7 +145,8 @@ class SharedEvaluations:
                         "parent": request.parent_key})
 
     def record(self, trial_id: int, evaluated: Evaluated) -> None:
-        """Finish a claimed trial with its result: COMPLETE, or FAIL for a crash (retried by other workers)."""
+        """Finish a claimed trial with its result: COMPLETE, or FAIL for a crash (kept for the record, asked for
+        again)."""
         storage, result = self.study._storage, evaluated.result
         first = next(iter(evaluated.correct.values()), None)
         storage.set_trial_user_attr(trial_id, "result", asdict(result))

@@ -206,16 +206,21 @@ class Evaluator:
         parent: CandidateResult | None = None,
         epoch_callback: EpochCallback | None = None,
         stop_after: int | None = None,
+        retry_crash: bool = False,
     ) -> CandidateResult:
         """Train and score ``placement`` with ``seed`` (or return the cached result).
 
         With ``parent`` (a finished candidate), the model starts from the parent's weights except for blocks whose
         type changed, and trains the shorter warm-start recipe. ``stop_after=k`` trains only up to epoch ``k`` and
         returns status ``paused`` (not cached: a later call resumes from the epoch-``k`` checkpoint).
+        ``retry_crash`` trains (resumes) a candidate that already crashed in this run again: the build-up never
+        takes a crash as evidence and bounds the attempts itself.
         """
         placement = Placement.parse(placement)
         recipe = self.warm_recipe() if parent else self.config.recipe
         key = self.key_for(placement, seed, parent)
+        if retry_crash:
+            self._crashed.pop(key, None)
         hit = self.cached(key)
         if hit is not None and self._diagnosed(hit):
             return hit

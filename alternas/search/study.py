@@ -78,7 +78,7 @@ class StudyConfig:
     name: str = "study"
     base: str = "resnet50"
     window_size: int | None = None
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1, 2)  # one seed cannot count seed noise: the build-up's pool starts with two
     device: str | None = None
     output: str | None = None  # default studies/<name>
     data: DataConfig = field(default_factory=DataConfig)
