@@ -459,6 +459,81 @@ def optuna(study_file: str | None, trials: int | None, space: str | None, sample
     click.echo(f"report: {build_report(config.output_dir, storage=url)}")
 
 
+def _parse_seeds(text: str, hint: str = "--seeds") -> list[int]:
+    """``0-9``, ``0,1,2`` or both (``0-3,7``) as a sorted list of distinct seeds (>= 0)."""
+    seeds: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        low, dash, high = part.partition("-")
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            first, last = 0, -1
+        if not 0 <= first <= last:
+            raise click.BadParameter(f"expected seeds like 0-9 (low to high) or 0,1,2, got {text!r}",
+                                     param_hint=hint)
+        seeds.update(range(first, last + 1))
+    if not seeds:
+        raise click.BadParameter(f"expected at least one seed, got {text!r}", param_hint=hint)
+    return sorted(seeds)
+
+
+@main.command()
+@click.option("--study", "study_file", type=click.Path(dir_okay=False), required=True,
+              help="Study YAML: base, data, recipe and start of the placements (e.g. studies/tables/NAME/study.yaml).")
+@click.option("--space", type=click.Path(dir_okay=False), default=None,
+              help="Search space YAML whose every placement to train (default: every placement the build-up can "
+                   "reach from the study's start).")
+@click.option("--seeds", default=None, help="Seeds, e.g. 0-9 or 0,1,2 (default: the study's seeds).")
+@click.option("--out", "out_dir", default=None,
+              help="Table folder (default: the study file's folder for a file named study.yaml, else "
+                   "<its folder>/<its name>-table).")
+@click.option("--quiet", is_flag=True, help="No per-epoch progress output.")
+@click.option("--retry-failed", is_flag=True, help="Train diverged runs again.")
+@_worker_options
+def table(study_file: str, space: str | None, seeds: str | None, out_dir: str | None, quiet: bool,
+          retry_failed: bool, workers: int, threads: int | None, worker: bool) -> None:
+    """Train every placement x every seed through the shared evaluator and write a tabular benchmark (table.csv,
+    evidence.npz, table.json, study.yaml) that `alternas bench search` replays searches from. Resumable: runs
+    the table holds are never trained again; --workers N shares the runs between N local processes."""
+    import yaml
+
+    from alternas.search.spaces import load_space
+    from alternas.search.study import load_study, with_overrides
+    from alternas.search.table import Table, build_table, table_placements
+
+    config = load_study(study_file)
+    if seeds is not None:
+        config = with_overrides(config, {"seeds": _parse_seeds(seeds)})
+    study_path = Path(study_file)
+    out = Path(out_dir) if out_dir else (study_path.parent if study_path.name == "study.yaml"
+                                         else study_path.parent / f"{study_path.stem}-table")
+    placements = table_placements(config, load_space(space) if space else None)
+    if not worker:
+        click.echo(f"table {config.name}: {len(placements)} placements of {config.base} on {config.data.name}, "
+                   f"seeds {list(config.seeds)}, {config.recipe.total_epochs} epochs -> {out}")
+    if workers > 1:
+        from alternas.search.workers import launch_workers
+
+        args = ["table", "--study", study_file, "--out", str(out), "--seeds", ",".join(map(str, config.seeds)),
+                "--worker", *(["--space", space] if space else []), *(["--quiet"] * quiet),
+                *(["--retry-failed"] * retry_failed)]
+        code = launch_workers(args, workers, None, click.echo)
+        if code:
+            raise SystemExit(code)
+    else:
+        _set_threads(threads)
+        build_table(config, placements, out, space=yaml.safe_load(Path(space).read_text()) if space else None,
+                    log=click.echo, quiet=quiet, retry_failed=retry_failed)
+    if not worker:
+        from alternas.fileio import atomic_write_text
+
+        if not (out / "study.yaml").is_file():  # the study that recomputes the table travels with it
+            atomic_write_text(out / "study.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        done = Table.load(out)
+        click.echo(f"table: {len(done.runs)} of {len(done.placements) * len(done.seeds)} runs in {out} "
+                   f"({'complete' if done.complete else 'incomplete: run the command again'})")
+
+
 @main.command()
 @click.argument("study_dir", type=click.Path(file_okay=False))
 @click.option("--storage", default=None, help="Optuna storage URL, when the study's trials are not in the folder.")
@@ -496,7 +571,7 @@ def claims(study_dir: str, as_json: bool, confidence: float | None) -> None:
 
 
 BENCHMARKS = ("attention", "layout", "pipeline", "streaming", "hessian", "fourier")  # alternas.bench.SPEED_BENCHMARKS
-SLOW_BENCHMARKS = ("decisions", "buildup-workers")  # run only when named
+SLOW_BENCHMARKS = ("decisions", "buildup-workers", "search")  # run only when named
 
 
 @main.command()
@@ -505,21 +580,27 @@ SLOW_BENCHMARKS = ("decisions", "buildup-workers")  # run only when named
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--study", "study_file", default="studies/quickstart.yaml", show_default=True,
               help="decisions: the study to repeat on disjoint seed pools.")
-@click.option("--pools", type=click.IntRange(min=2), default=5, show_default=True,
-              help="decisions: how many disjoint seed pools.")
+@click.option("--pools", type=click.IntRange(min=2), default=None,
+              help="decisions: how many disjoint seed pools (default 5); search: random seed pools (default 200).")
+@click.option("--table", "table_dir", type=click.Path(file_okay=False), default=None,
+              help="search: the tabular benchmark folder to replay searches from (see `alternas table`).")
+@click.option("--pool-size", type=click.IntRange(min=1), default=3, show_default=True,
+              help="search: seeds each replayed search may use, drawn from the table's; the rest judge it.")
+@click.option("--strategies", default=",".join(("buildup", "tpe", "random", "qmc", "decision-rule")),
+              show_default=True, help="search: the strategies to replay, comma-separated.")
 @click.option("--out", "out_dir", default=None, help="decisions: folder of the per-pool studies (resumable).")
 @click.option("--json", "as_json", is_flag=True, help="decisions: print the figures as one JSON object.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="decisions: override a study key, e.g. buildup.screen_at=0.4 (repeatable).")
+              help="decisions, search: override a study key, e.g. buildup.screen_at=0.4 (repeatable).")
 @click.option("--workers", "worker_counts", default="1,2,4,8", show_default=True,
               help="buildup-workers: the worker counts to simulate, comma-separated.")
 @click.option("--worlds", type=click.IntRange(min=1), default=5, show_default=True,
               help="buildup-workers: simulated seed-noise worlds to average over.")
 @click.option("--min-seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="buildup-workers: seeds a comparison starts with (up to 5).")
-def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: str, pools: int,
-          out_dir: str | None, as_json: bool, sets: tuple[str, ...], worker_counts: str, worlds: int,
-          min_seeds: int) -> None:
+def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: str, pools: int | None,
+          table_dir: str | None, pool_size: int, strategies: str, out_dir: str | None, as_json: bool,
+          sets: tuple[str, ...], worker_counts: str, worlds: int, min_seeds: int) -> None:
     """Speed, arms interleaved in one run: SDPA vs plain attention, NCHW vs channels_last training, in-memory vs
     DataLoader pipeline, an image folder in memory vs streamed from disk, Lanczos vs PyHessian (needs
     `pip install pyhessian==0.1`), Fourier profile vs forward.
@@ -527,10 +608,28 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
     seed pools and prints how often the final placements agree, seeds and candidate-epochs per decision and the
     wall time. `buildup-workers` (only when named) simulates the build-up of PAPER.md §3.3 with 1, 2, 4 and 8
     workers and prints the wall-time speedup, the wasted (speculative, unused) work and whether the decisions
-    equal one worker's."""
+    equal one worker's. `search` (only when named, with --table) replays the build-up (with any --set settings)
+    and Optuna's samplers on random seed pools of a tabular benchmark and scores them against the held-out seeds:
+    P(best), regret, false accepts/rejects and candidate-epochs, with 90 % intervals over the pools."""
     from alternas import bench as b
 
     for name in which or BENCHMARKS:
+        if name == "search":
+            import yaml
+
+            from alternas.search.replay import describe, replay_search
+            from alternas.search.study import load_study, with_overrides
+            from alternas.search.table import Table
+
+            if not table_dir:
+                raise click.UsageError("bench search needs --table DIR (a folder written by `alternas table`)")
+            table = Table.load(table_dir)
+            config = with_overrides(load_study(Path(table_dir) / "study.yaml"),
+                                    {key: yaml.safe_load(value) for key, value in _parse_sets(sets).items()})
+            rows = replay_search(table, config, tuple(s.strip() for s in strategies.split(",") if s.strip()),
+                                 pools=pools or 200, pool_size=pool_size, log=lambda line: click.echo(line, err=True))
+            click.echo(json.dumps(rows) if as_json else describe(rows))
+            continue
         if name == "buildup-workers":
             try:
                 counts = tuple(int(c) for c in worker_counts.split(","))
@@ -549,7 +648,7 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
             overrides = {key: yaml.safe_load(value) for key, value in _parse_sets(sets).items()}
             if device:
                 overrides["device"] = device
-            r = b.decision_agreement(study_file, pools, out_dir, overrides,
+            r = b.decision_agreement(study_file, pools or 5, out_dir, overrides,
                                      log=lambda line: click.echo(line, err=as_json))
             click.echo(json.dumps(r) if as_json else b.describe("decisions", r))
         else:

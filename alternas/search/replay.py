@@ -1,0 +1,349 @@
+"""Searches replayed against a tabular benchmark (``alternas.search.table``): are their answers right, and at what
+cost?
+
+A replay draws a pool of ``pool_size`` seeds from the table's, runs a search as if those were its only seeds,
+answering every evaluation it asks for from the table, and scores what it decided against the truth of the seeds
+it did **not** use: a placement's true accuracy is its mean over the held-out seeds. So a search is never graded
+by the noise it decided with.
+
+Strategies: ``buildup`` (the real ``replay_buildup`` with the study's settings: every decision rule, screening and
+seed racing as a worker runs them) and Optuna's samplers ``tpe``, ``random`` and ``qmc`` over the same placements,
+each given the build-up's candidate-epochs of the same pool (paired budgets; a placement is trained with every
+pool seed once, and a repeat costs nothing, as the evaluator's cache makes it). Per strategy, over the pools:
+
+* ``p_best``: how often the final placement is the true best;
+* ``regret_pp``: true accuracy of the true best minus that of the final placement;
+* ``false_accept``: accepted decisions whose true gain is not above ``min_gain``, over all such decisions;
+* ``false_reject``: rejected decisions whose true gain is above ``min_gain``, over all such decisions (a decision
+  whose true gain the held-out seeds cannot place on one side of ``min_gain`` is not graded: ``Truth``);
+* ``candidate_epochs``: the training the search bought.
+
+``decision-rule`` measures the paired sequential comparison alone: every ordered pair of placements of the table
+is a comparison (both directions), decided on the pool and graded on the held-out seeds, so false accepts and the
+power to accept a true gain are measured on real training noise even where no MSA helps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from alternas.errors import ConfigError
+from alternas.models.bases import get_base
+from alternas.placement import Placement
+from alternas.search.buildup import Evaluated, replay_buildup, screen_epoch
+from alternas.search.decision import sequential_compare
+from alternas.search.evaluator import CandidateResult, candidate_key
+from alternas.search.spaces import InvalidCandidate, SearchSpace, StageSpace, space_from_dict
+from alternas.search.study import StudyConfig
+from alternas.search.table import Table
+
+STRATEGIES = ("buildup", "tpe", "random", "qmc", "decision-rule")
+FIELDS = ("p_best", "regret_pp", "false_accept", "false_reject", "candidate_epochs")
+
+
+@dataclass
+class Outcome:
+    """One strategy's replay on one pool."""
+
+    final: str | None
+    p_best: float | None = None
+    regret_pp: float | None = None
+    accepts_null: int = 0  # accepted decisions whose true gain <= min_gain
+    decisions_null: int = 0
+    rejects_true: int = 0  # rejected decisions whose true gain > min_gain
+    decisions_true: int = 0
+    ungraded: int = 0  # decisions whose true gain the held-out seeds cannot place on one side of min_gain
+    candidate_epochs: float = 0.0
+
+
+class Truth:
+    """True accuracies of a pool: each placement's mean over the table's seeds outside the pool.
+
+    The held-out mean is itself an estimate, so a decision is graded only where the held-out seeds settle it:
+    ``gain_is`` says ``"above"`` (the paired held-out gain's 90 % interval lies above ``min_gain``), ``"not above"``
+    (it lies at or below), or ``None`` (the truth is too close to call, and the decision is not graded)."""
+
+    def __init__(self, table: Table, pool: list[int], level: float = 0.9) -> None:
+        held_out = [s for s in table.seeds if s not in pool]
+        if len(held_out) < 2:
+            raise ConfigError(f"the table has seeds {table.seeds}; a pool of {len(pool)} leaves fewer than 2 to judge "
+                              "by (one seed cannot say how sure the truth is)")
+        self.by_seed = {p: np.array([table.accuracy(p, [s]) for s in held_out]) for p in table.placements}
+        self.acc = {p: float(v.mean()) for p, v in self.by_seed.items()}
+        self.best = max(self.acc, key=self.acc.get)
+        from scipy import stats
+
+        self._t = float(stats.t.ppf(0.5 + level / 2, len(held_out) - 1))
+
+    def gain_is(self, child: str, parent: str, min_gain: float) -> str | None:
+        diff = self.by_seed[child] - self.by_seed[parent]
+        half = self._t * float(diff.std(ddof=1)) / math.sqrt(len(diff))
+        if diff.mean() - half > min_gain:
+            return "above"
+        if diff.mean() + half <= min_gain:
+            return "not above"
+        return None
+
+    def grade(self, outcome: Outcome, child: str, parent: str, min_gain: float, accepted: bool) -> None:
+        """Count a decision against the truth (or not at all where the truth is too close to call)."""
+        truth = self.gain_is(child, parent, min_gain)
+        if truth == "above":
+            outcome.decisions_true += 1
+            outcome.rejects_true += not accepted
+        elif truth == "not above":
+            outcome.decisions_null += 1
+            outcome.accepts_null += accepted
+        else:
+            outcome.ungraded += 1
+
+    def score(self, outcome: Outcome) -> Outcome:
+        outcome.p_best = float(outcome.final == self.best)
+        outcome.regret_pp = self.acc[self.best] - self.acc[outcome.final]
+        return outcome
+
+
+def table_lookup(table: Table, config: StudyConfig) -> Callable[[str], Evaluated | None]:
+    """Evaluation id -> the table's run of any of its seeds, as the build-up's ``lookup`` asks (a run the table
+    lacks: ``None``). Cache keys do not depend on the study's seed pool, so one lookup serves every pool."""
+    if config.recipe.total_epochs != table.total_epochs:
+        raise ConfigError(f"the study trains {config.recipe.total_epochs} epochs, the table's runs "
+                          f"{table.total_epochs}: only buildup.* settings can be replayed from a table")
+    runs: dict[str, Evaluated] = {}
+    last = table.rows.drop_duplicates(["placement", "seed"], keep="last").set_index(["placement", "seed"])
+    for (placement, seed), row in last.iterrows():
+        key = candidate_key(Placement.parse(placement), config, config.recipe, int(seed))
+        if key != row.key:
+            raise ConfigError(f"the table's {placement} seed {seed} was trained with other settings than the study "
+                              "asks for: only buildup.* settings can be replayed from a table")
+        correct = table.correct.get((placement, int(seed)))
+        epochs = {e + 1: correct[e] for e in range(len(correct))} if correct is not None else {}
+        result = CandidateResult(key, placement, placement.count("M"), int(seed), config.base, table.total_epochs,
+                                 config.data.subset, row.status, val_acc=table.accuracy(placement, [int(seed)]),
+                                 wall_time=float(row.wall_time), epochs_trained=int(row.epochs), run_dir="(table)")
+        runs[f"{key}@end"] = Evaluated(result, epochs, len(correct) if correct is not None else None)
+    return runs.get
+
+
+def replay_buildup_on(table: Table, config: StudyConfig, truth: Truth,
+                      lookup: Callable[[str], Evaluated | None] | None = None,
+                      keys: dict[tuple, str] | None = None) -> Outcome:
+    """The build-up of ``config`` (its seeds are the pool) answered by ``table`` (``lookup``: ``table_lookup``'s,
+    ``keys``: cache keys memoised across replays)."""
+    replay = replay_buildup(config, lookup or table_lookup(table, config), keys=keys)
+    if replay.blocked is not None:
+        missing = replay.blocked.requests[0]
+        raise ConfigError(f"the table has no run of {missing.placement} with seed {missing.seed}, which the "
+                          "build-up asks for; complete it with `alternas table` (or check the study's start)")
+    cost = {(r.placement, r.seed): float(r.epochs_trained) for r in (e.result for e in replay.fetched.values())}
+    screen = screen_epoch(config)
+    outcome = Outcome(replay.best)
+    min_gain = config.buildup.min_gain
+    for step in replay.policy.steps:
+        if step.decided_by == "screen" and screen is not None:
+            for run in replay.used_runs.get(step.placement, []):
+                cost[(run.placement, run.seed)] = float(screen)
+        if step.decision != "start" and step.incumbent is not None:
+            truth.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
+    outcome.candidate_epochs = sum(cost.values())
+    return truth.score(outcome)
+
+
+def table_space(table: Table, config: StudyConfig) -> SearchSpace:
+    """The Optuna space over the table's placements: the space it was computed from, else per stage how many MSAs
+    alternate from its end (the build-up's move), up to the most the table holds in that stage."""
+    if table.space is not None:
+        return space_from_dict(table.space, "the table's space")
+    base = get_base(config.base)
+    most = [max(Placement.parse(p).stages[s].count("M") for p in table.placements) for s in range(base.num_stages)]
+    return SearchSpace(base.name, tuple(StageSpace((d,), "count", k) for d, k in zip(base.depths, most)),
+                       source="table")
+
+
+def replay_sampler(table: Table, config: StudyConfig, truth: Truth, sampler: str, budget: float, seed: int,
+                   max_trials: int = 500) -> Outcome:
+    """An Optuna search with ``sampler`` over the table's placements until it has bought ``budget`` epochs: each new
+    placement costs every pool seed's run, a repeat is free; the final placement is the best pool mean."""
+    import optuna
+
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)}
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    with warnings.catch_warnings():  # QMCSampler is marked experimental
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study = optuna.create_study(direction="maximize", sampler=samplers[sampler]())
+    space = table_space(table, config)
+    known = set(table.placements)
+    pool = list(config.seeds)
+    seen: dict[str, float] = {}
+    spent = 0.0
+    per_placement = float(len(pool) * table.total_epochs)
+    for _ in range(max_trials):
+        if spent + per_placement > budget + 1e-9 or len(seen) == len(known):
+            break
+        trial = study.ask()
+        try:
+            placement = str(space.sample(trial)[0])
+        except InvalidCandidate:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        if placement not in known:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        if placement not in seen:
+            seen[placement] = table.accuracy(placement, pool)
+            spent += per_placement
+        study.tell(trial, seen[placement])
+    final = max(seen, key=seen.get) if seen else start_placement(config)  # bought nothing: kept the start
+    return truth.score(Outcome(final, candidate_epochs=spent))
+
+
+def start_placement(config: StudyConfig) -> str:
+    b = config.buildup
+    return str(Placement.parse(b.start) if b.start else Placement.all_conv(get_base(config.base).depths))
+
+
+def replay_pairs(table: Table, config: StudyConfig, truth: Truth) -> Outcome:
+    """Every ordered pair of placements decided by the sequential paired comparison on the pool, graded by the
+    held-out seeds (a diverged run in either is left out: the comparison is about noise, not failures)."""
+    b = config.buildup
+    low, high = config.seed_budget
+    pool = list(config.seeds)
+    outcome = Outcome(None)
+    usable = {p: np.stack([table.correct_at(p, s) for s in pool]) for p in table.placements
+              if all((p, s) in table.correct for s in pool)}
+    seeds_used = []
+    for child, c in usable.items():
+        for parent, q in usable.items():
+            if child == parent:
+                continue
+            result = sequential_compare(lambda k, c=c, q=q: (c[:k], q[:k]), min_seeds=low, max_seeds=high,
+                                        min_gain=b.min_gain, confidence=b.confidence)
+            seeds_used.append(result.seeds_used)
+            truth.grade(outcome, child, parent, b.min_gain, result.decision == "accept")
+    outcome.candidate_epochs = 2 * float(np.mean(seeds_used)) * table.total_epochs if seeds_used else 0.0
+    return outcome
+
+
+def replay_search(table: Table, config: StudyConfig, strategies: tuple[str, ...] = STRATEGIES, pools: int = 200,
+                  pool_size: int = 3, seed: int = 0, log: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """Replay each strategy on ``pools`` random pools of ``pool_size`` of the table's seeds (the study's seeds are
+    replaced by each pool) and summarise it: one row per strategy with ``FIELDS``, each a mean with a 90 %
+    interval over the pools (rates pooled over decisions)."""
+    strategies = tuple(dict.fromkeys(strategies))
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        raise ConfigError(f"unknown strategy {(unknown or [''])[0]!r}; choose from {', '.join(STRATEGIES)}")
+    if not table.complete:
+        missing = [(p, s) for p in table.placements for s in table.seeds if (p, s) not in table.runs]
+        raise ConfigError(f"the table lacks {len(missing)} of its runs (e.g. {missing[0][0]} seed {missing[0][1]}); "
+                          "complete it with `alternas table` before replaying searches on it")
+    if config.buildup.warm_start:
+        raise ConfigError("a table holds runs from scratch; a warm-started build-up cannot be replayed from it")
+    size = pool_size
+    if size > len(table.seeds) - 2:
+        raise ConfigError(f"a pool of {size} seeds from the table's {len(table.seeds)} leaves fewer than 2 to judge "
+                          "by; use a smaller pool or a table with more seeds")
+    b = config.buildup
+    if (b.min_seeds or 0) > size or (b.max_seeds or 0) > size:
+        raise ConfigError(f"buildup.min_seeds/max_seeds ({b.min_seeds}/{b.max_seeds}) exceed the pool of {size} "
+                          "seeds; lower them or raise the pool size")
+    per: dict[str, list[Outcome]] = {s: [] for s in strategies}
+    lookup, keys = table_lookup(table, config), {}
+    drawn = seed_pools(table.seeds, size, pools, seed)
+    for i, pool in enumerate(drawn):
+        pool_config = replace(config, seeds=tuple(pool))
+        truth = Truth(table, pool)
+        buildup = replay_buildup_on(table, pool_config, truth, lookup, keys)
+        if "buildup" in per:
+            per["buildup"].append(buildup)
+        for name in strategies:
+            if name in ("tpe", "random", "qmc"):
+                per[name].append(replay_sampler(table, pool_config, truth, name, buildup.candidate_epochs, seed + i))
+            elif name == "decision-rule":
+                per[name].append(replay_pairs(table, pool_config, truth))
+        if (i + 1) % max(1, len(drawn) // 10) == 0:
+            log(f"  {i + 1}/{len(drawn)} pools replayed")
+    return [summarise(name, outcomes) for name, outcomes in per.items()]
+
+
+def seed_pools(seeds: list[int], size: int, pools: int, seed: int = 0) -> list[list[int]]:
+    """``pools`` distinct ordered pools of ``size`` seeds (order matters: a race starts with the first ones), or
+    every such pool when there are fewer. The pools share the table's seeds, so their spread is that of this
+    table's seeds, not of new tables."""
+    rng = np.random.default_rng(seed)
+    count = math.perm(len(seeds), size)
+    if count <= max(pools, 100_000):
+        every = list(itertools.permutations(seeds, size))
+        picks = range(count) if pools >= count else rng.choice(count, pools, replace=False)
+        return [list(map(int, every[i])) for i in picks]
+    chosen: dict[tuple[int, ...], None] = {}
+    while len(chosen) < pools:
+        chosen.setdefault(tuple(int(s) for s in rng.choice(seeds, size, replace=False)))
+    return [list(p) for p in chosen]
+
+
+def summarise(strategy: str, outcomes: list[Outcome]) -> dict:
+    """Means over the pools with 90 % intervals (t for means, bootstrap over pools for pooled rates)."""
+    row: dict = {"strategy": strategy}
+    for name in ("p_best", "regret_pp", "candidate_epochs"):
+        row[name] = _mean_interval([getattr(o, name) for o in outcomes if getattr(o, name) is not None])
+    ungraded = sum(o.ungraded for o in outcomes)
+    for name, counts in (("false_accept", [(o.accepts_null, o.decisions_null) for o in outcomes]),
+                         ("false_reject", [(o.rejects_true, o.decisions_true) for o in outcomes])):
+        row[name] = _pooled_rate(counts)
+        if row[name] is not None:
+            row[name]["ungraded"] = ungraded  # decisions too close to min_gain for the held-out seeds to grade
+    return row
+
+
+def _mean_interval(values: list[float], level: float = 0.9) -> dict | None:
+    if not values:
+        return None
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci": [mean, mean], "n": len(values)}
+    from scipy import stats
+
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci": [mean - half, mean + half], "n": len(values)}
+
+
+def _pooled_rate(counts: list[tuple[int, int]], level: float = 0.9, resamples: int = 2000) -> dict | None:
+    """Events over decisions, pooled over pools, with a bootstrap interval over pools (decisions of one pool share
+    its seeds); ``None`` when no decision of that kind happened."""
+    hits = np.array([h for h, _ in counts], dtype=float)
+    totals = np.array([n for _, n in counts], dtype=float)
+    if totals.sum() == 0:
+        return None
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(counts), (resamples, len(counts)))
+    boot = hits[picks].sum(1) / np.maximum(totals[picks].sum(1), 1)
+    boot = boot[totals[picks].sum(1) > 0]
+    lo, hi = np.quantile(boot, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(hits.sum() / totals.sum()), "ci": [float(lo), float(hi)], "n": int(totals.sum())}
+
+
+def describe(rows: list[dict]) -> str:
+    """The rows as a table for the terminal."""
+    def fmt(v: dict | None, pct: bool = False) -> str:
+        if v is None:
+            return "n/a"
+        scale = 100 if pct else 1
+        return f"{v['mean'] * scale:.2f} [{v['ci'][0] * scale:.2f}, {v['ci'][1] * scale:.2f}]"
+
+    head = f"{'strategy':<15} {'P(best) %':<22} {'regret pp':<22} {'false accept %':<22} {'false reject %':<22} " \
+           "candidate-epochs"
+    lines = [head]
+    for r in rows:
+        lines.append(f"{r['strategy']:<15} {fmt(r['p_best'], True):<22} {fmt(r['regret_pp']):<22} "
+                     f"{fmt(r['false_accept'], True):<22} {fmt(r['false_reject'], True):<22} "
+                     f"{fmt(r['candidate_epochs'])}")
+    return "\n".join(lines)

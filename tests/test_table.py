@@ -1,0 +1,166 @@
+"""Tabular benchmarks and searches replayed against them: a hand-made table whose truth is known, and a real one
+computed by `alternas table` (resume, cache reuse)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from scipy.stats import norm
+
+from alternas.placement import Placement
+from alternas.search import study_from_dict
+from alternas.search.evaluator import CandidateResult, candidate_key
+from alternas.search.replay import FIELDS, replay_search
+from alternas.search.table import Table, reachable_placements, table_placements
+from tests.helpers import run_cli, small_study
+
+START = "CC,CC,CC,CC"
+HELPS = "CC,CC,CC,CM"  # the one MSA that truly helps, by +3 pp
+
+
+def _study(**buildup) -> dict:
+    return {"name": "hand", "base": "tiny", "seeds": [0, 1, 2],
+            "recipe": {"name": "fast", "epochs": 2, "warmup_epochs": 0},
+            "buildup": {"min_gain": 0.5, "confidence": 0.9, **buildup}}
+
+
+def hand_made_table(gains: dict[str, float], seeds: int = 8, examples: int = 1000, seed_sd: float = 0.3,
+                    base_acc: float = 85.0, rho: float = 0.9) -> Table:
+    """Every placement the build-up reaches on the tiny base, each seed's per-example correctness drawn around its
+    true accuracy (``base_acc`` + its gain in ``gains``, else - 2 pp): shared example difficulty (``rho``: runs
+    agree on most examples, as trained nets do) and ``seed_sd`` pp of seed noise. Epoch 1 is 5 pp below epoch 2."""
+    placements = [str(p) for p in reachable_placements(Placement.parse(START))]
+    config = study_from_dict(_study())
+    table = Table(list(range(seeds)), placements, 2, examples, "hand")
+    difficulty = np.random.default_rng(0).standard_normal(examples)
+    for i, placement in enumerate(placements):
+        for seed in range(seeds):
+            rng = np.random.default_rng([i, seed])
+            truth = base_acc + gains.get(placement, 0.0 if placement == START else -2.0)
+            acc = truth + rng.normal(0, seed_sd)
+            score = np.sqrt(rho) * difficulty + np.sqrt(1 - rho) * rng.standard_normal(examples)
+            correct = np.stack([score < norm.ppf((acc - 5) / 100), score < norm.ppf(acc / 100)])
+            key = candidate_key(Placement.parse(placement), config, config.recipe, seed)  # as `alternas table` keys
+            result = CandidateResult(key, placement, placement.count("M"), seed, "tiny", 2, None, "completed",
+                                     epochs_trained=2, wall_time=1.0)
+            table.add(result, correct)
+    return table
+
+
+def test_a_table_round_trips_through_its_files(tmp_path) -> None:
+    table = hand_made_table({HELPS: 3.0}, seeds=3, examples=77)
+    table.add(CandidateResult("d", START, 0, 3, "tiny", 2, None, "diverged", epochs_trained=1), np.zeros((0, 0)))
+    table.seeds = [0, 1, 2, 3]
+    table.save(tmp_path)
+    back = Table.load(tmp_path)
+    assert back.seeds == [0, 1, 2, 3] and back.placements == table.placements and back.n_examples == 77
+    assert back.runs == table.runs and back.status(START, 3) == "diverged" and not back.complete
+    for run, correct in table.correct.items():
+        assert np.array_equal(back.correct[run], correct)
+    assert back.accuracy(START, [3]) == 0.0  # a diverged run left no model
+    assert list(back.rows.columns[:4]) == ["placement", "seed", "epoch", "val_acc"]
+    (tmp_path / "evidence.npz").write_bytes(b"garbage")
+    with pytest.raises(Exception, match="the table is damaged"):
+        Table.load(tmp_path)
+
+
+def test_the_build_up_replayed_on_a_table_with_a_helping_msa_finds_it_and_an_always_no_rule_does_not() -> None:
+    table = hand_made_table({HELPS: 3.0})
+    config = study_from_dict(_study())
+    rows = {r["strategy"]: r for r in replay_search(table, config, pools=20)}
+    assert set(rows) == {"buildup", "tpe", "random", "qmc", "decision-rule"}
+    assert all(set(FIELDS) <= set(r) for r in rows.values())
+    buildup = rows["buildup"]
+    assert buildup["p_best"]["mean"] >= 0.9 and buildup["regret_pp"]["mean"] < 0.3
+    assert buildup["false_reject"]["mean"] <= 0.1 and buildup["false_accept"]["mean"] <= 0.15
+    assert buildup["candidate_epochs"]["mean"] > 0
+    for sampler in ("tpe", "random", "qmc"):  # paired budgets: never more than the build-up bought
+        assert rows[sampler]["candidate_epochs"]["mean"] <= buildup["candidate_epochs"]["mean"] + 1e-9
+    rule = rows["decision-rule"]
+    assert rule["false_accept"]["mean"] <= 0.12 and rule["false_accept"]["n"] > 1000
+    assert 1 - rule["false_reject"]["mean"] >= 0.6  # power: true gains of 1-5 pp, against min_gain 0.5
+    never = {r["strategy"]: r for r in replay_search(table, study_from_dict(_study(min_gain=50.0)), ("buildup",),
+                                                      pools=10)}["buildup"]
+    assert never["p_best"]["mean"] == 0.0 and never["false_reject"] is None  # no true gain exceeds 50 pp
+    assert never["false_accept"]["mean"] == 0.0  # ... and it agrees with itself: stable, and wrong
+
+
+def test_an_incomplete_table_is_refused_and_pools_are_distinct() -> None:
+    from alternas.search.replay import seed_pools
+
+    table = hand_made_table({}, seeds=5)
+    table.seeds = [0, 1, 2, 3, 4, 5]  # seed 5 was asked for but never trained
+    with pytest.raises(Exception, match="the table lacks 16 of its runs"):
+        replay_search(table, study_from_dict(_study()), ("buildup",), pools=2)
+    every = seed_pools(list(range(5)), 3, 1000)
+    assert len(every) == 60 == len({tuple(p) for p in every})  # 5 * 4 * 3 ordered pools, each once
+    some = seed_pools(list(range(8)), 3, 50, seed=1)
+    assert len({tuple(p) for p in some}) == 50 and some == seed_pools(list(range(8)), 3, 50, seed=1)
+
+
+def test_without_a_helping_msa_the_replay_measures_false_accepts_on_the_null() -> None:
+    rows = {r["strategy"]: r for r in replay_search(hand_made_table({}), study_from_dict(_study(min_gain=0.0)),
+                                                     ("buildup", "decision-rule"), pools=12)}
+    assert rows["buildup"]["p_best"]["mean"] >= 0.8  # the start is the true best: keep it
+    assert rows["decision-rule"]["false_accept"]["mean"] <= 0.12
+
+
+def test_bench_search_command_prints_json_rows(tmp_path) -> None:
+    table = hand_made_table({HELPS: 3.0})
+    table.save(tmp_path / "t")
+    (tmp_path / "t" / "study.yaml").write_text(yaml.safe_dump(_study()))
+    res = run_cli("bench", "search", "--table", str(tmp_path / "t"), "--pools", "4", "--strategies",
+                  "buildup,random", "--set", "buildup.screen_at=0.5", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert [r["strategy"] for r in rows] == ["buildup", "random"]
+    assert all(set(r) == {"strategy", *FIELDS} for r in rows)
+    bad = run_cli("bench", "search", "--table", str(tmp_path / "t"), "--pool-size", "8")
+    assert bad.returncode == 2 and "leaves fewer than 2 to judge by" in bad.stderr and "Traceback" not in bad.stderr
+    other = run_cli("bench", "search", "--table", str(tmp_path / "t"), "--set", "recipe.lr=0.1", "--pools", "2")
+    assert other.returncode == 2 and "only buildup.* settings can be replayed" in other.stderr
+    missing = run_cli("bench", "search")
+    assert missing.returncode == 2 and "needs --table" in missing.stderr
+
+
+def test_table_command_trains_each_run_once_resumes_and_reuses_the_cache(tmp_path) -> None:
+    """Real training: 2 placements (a space file) x 2 seeds. A build-up in the same study folder first: the table
+    reuses its runs; a second call trains nothing; the table folder alone (runs deleted) resumes too."""
+    raw = small_study(tmp_path, seeds=[0, 1], diagnostics={"hessian": False, "fourier": False},
+                      buildup={"max_candidates": 1, "min_gain": 0.5})
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump({"base": "tiny", "stages": [
+        {"depth": [2], "msa": "none"}, {"depth": [2], "msa": "none"}, {"depth": [2], "msa": "none"},
+        {"depth": [2], "msa": "count"}]}))
+    assert [str(p) for p in table_placements(study_from_dict(raw), None)][:2] == [START, "CC,CC,CC,CM"]
+    assert run_cli("buildup", "--study", str(tmp_path / "study.yaml"), "--quiet").returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "study" / "candidates").glob("*/metrics.json")}
+    assert len(before) == 2  # the start with seeds 0 and 1
+
+    args = ("table", "--study", str(tmp_path / "study.yaml"), "--space", str(tmp_path / "space.yaml"), "--out",
+            str(tmp_path / "table"), "--quiet")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    assert "4 of 4 runs" in first.stdout and "(complete)" in first.stdout
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the build-up's runs were reused, not retrained
+    table = Table.load(tmp_path / "table")
+    assert table.placements == [START, "CC,CC,CC,CM"] and table.seeds == [0, 1] and table.complete
+    assert len(table.rows) == 4 and set(table.rows.epoch) == {1}  # 1 epoch each
+    rows = table.rows.set_index(["placement", "seed"])
+    results = {(r.placement, r.seed): r.val_acc for r in _results(tmp_path / "study")}
+    for (placement, seed), acc in results.items():
+        assert rows.loc[(placement, seed), "val_acc"] == pytest.approx(acc, abs=1e-3)
+    assert (tmp_path / "table" / "study.yaml").is_file()
+
+    again = run_cli(*args)
+    assert again.returncode == 0 and "4 already in" in again.stdout
+    shutil.rmtree(tmp_path / "study")  # the runs are gone: the table folder alone still answers
+    alone = run_cli(*args, "--seeds", "0-1")
+    assert alone.returncode == 0 and "4 already in" in alone.stdout, alone.stderr
+
+
+def _results(study: Path) -> list[CandidateResult]:
+    return [CandidateResult.from_dict(json.loads(p.read_text())) for p in study.glob("candidates/*/result.json")]
