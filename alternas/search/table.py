@@ -247,6 +247,7 @@ def build_table(config: StudyConfig, placements: list[Placement], out_dir: str |
                 if (p, s) not in held.runs or (retry_failed and held.status(p, s) == "diverged")]
 
     jobs = wanted(table)
+    jobs_to_redo = {job for job in jobs if job in table.runs}  # diverged runs that --retry-failed trains again
     log(f"table: {len(names)} placements x {len(config.seeds)} seeds = {total} runs, {total - len(jobs)} already "
         f"in {out_dir}")
     locks = folder.candidates / ".locks"
@@ -262,6 +263,8 @@ def build_table(config: StudyConfig, placements: list[Placement], out_dir: str |
                 busy.append((placement, seed))
                 continue
             try:
+                if (placement, seed) in _saved_runs(out_dir) and (placement, seed) not in jobs_to_redo:
+                    continue  # another worker finished it while this one waited for the lock
                 t0 = time.perf_counter()
                 result = evaluator.evaluate(placement, seed)
                 retried.add((placement, seed))
@@ -317,6 +320,13 @@ def _run_correct(result, config: StudyConfig, digest: str) -> np.ndarray:
         raise AlternasError(f"{result.run_dir} was scored on another validation split (digest {evidence.digest}, "
                             f"the table's is {digest}); delete that folder to train it again")
     return evidence.correct
+
+
+def _saved_runs(out_dir: Path) -> set[tuple[str, int]]:
+    if not (out_dir / TABLE_EVIDENCE).is_file():
+        return set()
+    with FileLock(out_dir / ".table.lock"):
+        return Table.load(out_dir).runs
 
 
 def _save_merged(table: Table, out_dir: Path, result=None, correct: np.ndarray | None = None) -> Table:
