@@ -42,7 +42,7 @@ from alternas.search.decision import sequential_compare
 from alternas.search.evaluator import CandidateResult, candidate_key
 from alternas.search.spaces import InvalidCandidate, SearchSpace, StageSpace, space_from_dict
 from alternas.search.study import StudyConfig
-from alternas.search.table import Table
+from alternas.search.table import Table, start_placement
 
 STRATEGIES = ("buildup", "tpe", "random", "qmc", "decision-rule")
 FIELDS = ("p_best", "regret_pp", "false_accept", "false_reject", "candidate_epochs")
@@ -201,13 +201,8 @@ def replay_sampler(table: Table, config: StudyConfig, truth: Truth, sampler: str
             seen[placement] = table.accuracy(placement, pool)
             spent += per_placement
         study.tell(trial, seen[placement])
-    final = max(seen, key=seen.get) if seen else start_placement(config)  # bought nothing: kept the start
+    final = max(seen, key=seen.get) if seen else str(start_placement(config))  # bought nothing: kept the start
     return truth.score(Outcome(final, candidate_epochs=spent))
-
-
-def start_placement(config: StudyConfig) -> str:
-    b = config.buildup
-    return str(Placement.parse(b.start) if b.start else Placement.all_conv(get_base(config.base).depths))
 
 
 def replay_pairs(table: Table, config: StudyConfig, truth: Truth) -> Outcome:

@@ -61,9 +61,13 @@ def table_placements(config: StudyConfig, space: SearchSpace | None = None) -> l
         if get_base(space.base).name != get_base(config.base).name:
             raise ConfigError(f"{space.source} is a space over {space.base}, the study's base is {config.base}")
         return space_placements(space)
+    return reachable_placements(start_placement(config))
+
+
+def start_placement(config: StudyConfig) -> Placement:
+    """Where the study's build-up starts: ``buildup.start``, else the base's all-Conv net."""
     b = config.buildup
-    return reachable_placements(Placement.parse(b.start) if b.start else
-                                Placement.all_conv(get_base(config.base).depths))
+    return Placement.parse(b.start) if b.start else Placement.all_conv(get_base(config.base).depths)
 
 
 def space_placements(space: SearchSpace) -> list[Placement]:
