@@ -154,7 +154,8 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
 def _data_options(func: Any) -> Any:
     for option in reversed([
         click.option("--data", "data_name", default="shapes", show_default=True,
-                     help="cifar10, cifar100, fashion-mnist, mnist, kmnist, shapes, textures or imagefolder:PATH."),
+                     help="cifar10, cifar100, fashion-mnist, mnist, kmnist, shapes, textures, cued-shapes or "
+                          "imagefolder:PATH."),
         click.option("--data-root", default=None, help="Where datasets live (default $ALTERNAS_DATA or the cache)."),
         click.option("--subset", type=float, default=None,
                      help="Train on a class-balanced subset: a fraction (0-1] or a number of images."),

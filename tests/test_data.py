@@ -169,3 +169,24 @@ def test_tensor_loader_normalises_and_replays_from_its_state() -> None:
     sharded = TensorLoader(data.train, 64, mean=data.mean, std=data.std, rank=1, world=2)
     assert sum(len(y) for _, y in sharded) == 135
     assert np.isclose(len(data.train) / 2, 135)
+
+
+def test_cued_shapes_two_objects_two_colours_and_the_colour_says_nothing_alone() -> None:
+    """The probe's layout: every image holds exactly two of the cue colours (the answer's shape and the cue share one,
+    the other shape has the other), colour alone carries no label, and the generator is seeded and balanced."""
+    from alternas.data.synthetic import CUE_COLOURS, cued_component
+
+    a, la = generate("cued-shapes", 300, seed=3)
+    b, lb = generate("cued-shapes", 300, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb) and not torch.equal(a, generate("cued-shapes", 300, seed=4)[0])
+    assert torch.bincount(la, minlength=10).tolist() == [30] * 10
+    labels = torch.arange(400) % 10
+    clean = cued_component(labels, torch.Generator().manual_seed(0))
+    near = ((clean.unsqueeze(1) - CUE_COLOURS.view(1, -1, 3, 1, 1)).abs().amax(2) < 0.25).flatten(2).sum(-1)
+    present = near >= 4  # (N, colours): pixels painted in that colour
+    assert (present.sum(1) == 2).all()
+    histogram = present.float()
+    train, test = slice(0, 300), slice(300, None)
+    centroids = torch.stack([histogram[train][labels[train] == k].mean(0) for k in range(10)])
+    accuracy = (torch.cdist(histogram[test], centroids).argmin(1) == labels[test]).float().mean().item()
+    assert accuracy < 0.25  # chance is 0.1: which colours appear is independent of the label

@@ -3,8 +3,8 @@
 Names: ``cifar10``, ``cifar100`` (torchvision's download, read from the python-pickle files), ``imagefolder:PATH``
 (``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules),
 ``fashion-mnist``, ``mnist``, ``kmnist`` (the original idx files from --data-root, Debian's ``dataset-fashion-mnist``
-or torchvision's download; 28 px grey held as 32 px RGB, see ``_grey28_to_rgb32``), and the built-in ``shapes`` /
-``textures`` (see ``synthetic.py``). The validation split is carved from the training set
+or torchvision's download; 28 px grey held as 32 px RGB, see ``_grey28_to_rgb32``), and the built-in ``shapes``,
+``textures`` and ``cued-shapes`` (see ``synthetic.py``). The validation split is carved from the training set
 (seeded, class-balanced) so that searches never select on the test set.
 
 A split is held one of two ways. ``ImageData``: uint8 tensors in memory (the fast path: the tensor loader augments
@@ -61,7 +61,7 @@ _IDX_LAYOUT = {
 # Folders a system package installs the idx files into (gzipped), searched after --data-root; and the package
 IDX_SYSTEM_PATHS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist")}
 _IDX_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
-BUILTIN = ("shapes", "textures")
+BUILTIN = synthetic.KINDS
 BUILTIN_SIZES = {"train": 6000, "test": 1000}
 # Geometric augmentations a recipe may apply; a dataset names those that change what its labels mean.
 AUGMENTATIONS = ("hflip", "rotate", "shear")
@@ -593,7 +593,7 @@ def load_data(config: DataConfig | str) -> DataSplits:
     if name in BUILTIN:
         train = ImageData(*synthetic.generate(name, BUILTIN_SIZES["train"], seed=1000))
         test = ImageData(*synthetic.generate(name, BUILTIN_SIZES["test"], seed=2000))
-        names = list(synthetic.SHAPE_NAMES if name == "shapes" else synthetic.TEXTURE_NAMES)
+        names = list(synthetic.TEXTURE_NAMES if name == "textures" else synthetic.SHAPE_NAMES)
         num_classes = synthetic.NUM_CLASSES
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     elif name in CIFAR_STATS:
@@ -610,7 +610,7 @@ def load_data(config: DataConfig | str) -> DataSplits:
         mean, std = IMAGENET_STATS
     else:
         raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, mnist, kmnist, "
-                        "shapes, textures or imagefolder:PATH")
+                        "shapes, textures, cued-shapes or imagefolder:PATH")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.subset is not None:

@@ -23,6 +23,7 @@ import torch
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
+KINDS = ("shapes", "textures", "cued-shapes")
 SHAPE_NAMES = ("disk", "ring", "square", "diamond", "plus", "h-bar", "v-bar", "triangle", "two-dots", "frame")
 # textures: 5 orientations x 2 frequencies (in units of π rad/pixel)
 TEXTURE_CLASSES = tuple((angle, freq) for freq in (0.62, 0.88) for angle in (0.0, 36.0, 72.0, 108.0, 144.0))
@@ -37,10 +38,16 @@ def _soft(inside: torch.Tensor) -> torch.Tensor:
 
 
 def _shape_masks(labels: torch.Tensor, gen: torch.Generator, size: int) -> torch.Tensor:
-    """(N, size, size) soft masks of the labelled shapes, jittered in centre and scale."""
+    """(N, size, size) soft masks of the labelled shapes near the centre, jittered in centre and scale."""
     n = labels.numel()
     centre = size / 2 - 0.5 + (torch.rand(n, 2, generator=gen) * 8 - 4)  # ±4 px
     scale = 6.5 + torch.rand(n, generator=gen) * 3.0  # "radius" 6.5-9.5 px
+    return shape_masks_at(labels, centre, scale, size)
+
+
+def shape_masks_at(labels: torch.Tensor, centre: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, size, size) soft masks of shape ``labels`` centred at ``centre`` (N, 2: row, column) with "radius"
+    ``scale`` (N,) px."""
     coords = torch.arange(size, dtype=torch.float32)
     dy = coords.view(1, -1, 1) - centre[:, 0].view(-1, 1, 1)
     dx = coords.view(1, 1, -1) - centre[:, 1].view(-1, 1, 1)
@@ -101,6 +108,37 @@ def high_component(
     return torch.einsum("ngc,nghw->nchw", channel_amp, wave)
 
 
+# cued-shapes: saturated colours, far apart in hue, for the two objects and the cue
+CUE_COLOURS = torch.tensor([[1.0, 0.15, 0.15], [0.15, 0.9, 0.15], [0.2, 0.3, 1.0], [1.0, 0.9, 0.1], [0.9, 0.2, 0.9],
+                            [0.1, 0.9, 0.9]])
+_CUE_GRID = 3  # objects and cue sit in distinct cells of a 3 x 3 grid: never overlapping, often far apart
+
+
+def cued_component(labels: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(N, 3, size, size) images of two small shapes of different classes in two different colours, and a small
+    square cue in the colour of the one named by ``labels``.
+
+    Which shape is the answer is decided by a match between the cue and an object that may be far from it, so a
+    stack of local filters followed by an average pool cannot read it off any one place: it takes a comparison across
+    the image, the content-based global mixing an MSA does in one step (and a Conv stack only through depth).
+    """
+    n = labels.numel()
+    other = (labels + 1 + torch.randint(0, NUM_CLASSES - 1, (n,), generator=gen)) % NUM_CLASSES
+    cells = torch.stack([torch.randperm(_CUE_GRID**2, generator=gen)[:3] for _ in range(n)])  # answer, other, cue
+    cell = size / _CUE_GRID
+    centre = torch.stack([(cells // _CUE_GRID).float(), (cells % _CUE_GRID).float()], -1) * cell + cell / 2 - 0.5
+    centre = centre + (torch.rand(n, 3, 2, generator=gen) * 2 - 1)  # ±1 px
+    colours = torch.stack([torch.randperm(len(CUE_COLOURS), generator=gen)[:2] for _ in range(n)])
+    image = (0.45 + 0.1 * torch.rand(n, 1, 1, 1, generator=gen)).expand(n, 3, size, size).clone()
+    scale = 4.0 + torch.rand(n, 2, generator=gen)  # "radius" 4-5 px
+    square = torch.full((n,), SHAPE_NAMES.index("square"))
+    layers = [(labels, 0, scale[:, 0], 0), (other, 1, scale[:, 1], 1), (square, 2, torch.full((n,), 2.0), 0)]
+    for shape, j, radius, colour in layers:
+        mask = shape_masks_at(shape, centre[:, j], radius, size).unsqueeze(1)
+        image = image * (1 - mask) + CUE_COLOURS[colours[:, colour]].view(n, 3, 1, 1) * mask
+    return image
+
+
 def generate(
     kind: str, n: int, seed: int, size: int = IMAGE_SIZE, return_components: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,11 +147,14 @@ def generate(
     Deterministic in (kind, n, seed, size). With ``return_components`` the float low- and high-frequency
     components are returned too (tests check where each one's energy lies).
     """
-    if kind not in ("shapes", "textures"):
+    if kind not in KINDS:
         raise ValueError(f"unknown synthetic dataset {kind!r}")
-    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures"))
+    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures") + 7919 * (kind == "cued-shapes"))
     labels = torch.arange(n) % NUM_CLASSES
     labels = labels[torch.randperm(n, generator=gen)]
+    if kind == "cued-shapes":
+        images = cued_component(labels, gen, size) + 0.04 * torch.randn(n, 3, size, size, generator=gen)
+        return ((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
     random_labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
     if kind == "shapes":
         low = low_component(labels, gen, size)
