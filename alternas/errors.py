@@ -7,6 +7,7 @@ a one-line message and exit code 2. Anything else escaping is a bug and keeps it
 from __future__ import annotations
 
 import functools
+import math
 import typing
 from collections.abc import Mapping
 from typing import Any
@@ -35,7 +36,18 @@ def check_types(cls: type, values: Mapping[str, Any], where: str) -> dict[str, A
             problem = err.errors()[0]["msg"]
             raise ConfigError(f"{where}: {key} = {value!r} is not allowed: {problem[:1].lower()}{problem[1:]}"
                               ) from None
+        if not _all_finite(out[key]):
+            raise ConfigError(f"{where}: {key} = {value!r} is not allowed: give a finite number")
     return out
+
+
+def _all_finite(value: Any) -> bool:
+    """No inf or nan anywhere in ``value``: every setting has a finite range (an infinite budget is ``null``)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (tuple, list)):
+        return all(_all_finite(v) for v in value)
+    return True
 
 
 @functools.cache

@@ -76,14 +76,17 @@ def test_a_single_seed_counts_example_level_noise_only() -> None:
 
 def test_seed_noise_widens_the_interval_and_examples_set_its_floor() -> None:
     rng = np.random.default_rng(2)
-    # the same example-level differences under two seeds that disagree strongly about the gain
-    base = rng.random((1, 400)) < 0.75
-    agreeing = np.vstack([base, base])
-    flips = rng.random(400) < 0.2
-    disagreeing = np.vstack([base | flips, base & ~flips])
-    var_agree, df_agree = gain_variance((agreeing.astype(float) - np.vstack([base, base])) * 100)
-    var_split, df_split = gain_variance((disagreeing.astype(float) - np.vstack([base, base])) * 100)
-    assert var_agree == 0 and var_split > 0 and df_split < 5  # seed term dominates: about one degree of freedom
+    n = 400
+    # example-level differences with a real gain: +100 where the child fixed an error, -100 where it made one
+    d = np.where(rng.random(n) < 0.15, 100.0, np.where(rng.random(n) < 0.08, -100.0, 0.0))
+    var_agree, df_agree = gain_variance(np.vstack([d, d]))  # two seeds with the very same differences
+    assert var_agree > 0 and var_agree == pytest.approx(d.var(ddof=1) / n)  # the examples' floor, nothing more
+    assert df_agree == pytest.approx(n - 1)
+    # the same differences, but the seeds disagree about the gain (one +8 pp better, the other 8 pp worse)
+    shift = np.zeros(n)
+    shift[rng.choice(n, 32, replace=False)] = 100.0
+    var_split, df_split = gain_variance(np.vstack([d + shift, d - shift]))
+    assert var_split > 3 * var_agree and df_split < 5  # the seed term dominates: about one degree of freedom
 
 
 @pytest.mark.parametrize("seed_sd", [0.1, 0.3])

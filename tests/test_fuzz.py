@@ -123,17 +123,48 @@ def test_storage_urls(tmp_path, url: str) -> None:
     assert storage is None  # nothing but the known databases and the journal file is accepted
 
 
+# The range each command-line number must fall in (the study below has a pool of 3 seeds), by an oracle written
+# apart from the code: (type, low, high, low open, high open).
+NUMBER_RANGES = {
+    "--min-gain": (float, 0, 100, False, False), "--confidence": (float, 0.5, 1, True, True),
+    "--screen-at": (float, 0, 1, True, True), "--budget-hours": (float, 0, 1e5, True, False),
+    "--min-seeds": (int, 1, 3, False, False), "--max-seeds": (int, 2, 3, False, False),  # min_seeds defaults to 2
+    "--patience": (int, 0, 1000, False, False), "--max-candidates": (int, 1, 100_000, False, False),
+    "--epochs": (int, 1, 100_000, False, False), "--subset": (float, 0, math.inf, True, True),
+}
+
+
+def _number_is_valid(option: str, text: str) -> bool:
+    kind, low, high, low_open, high_open = NUMBER_RANGES[option]
+    try:
+        value = kind(text)
+    except ValueError:
+        return False
+    if not math.isfinite(value) or value < low or value > high or (low_open and value == low) or \
+            (high_open and value == high):
+        return False
+    return option != "--subset" or value <= 1 or value == int(value)  # a fraction or a whole number of images
+
+
 @CLI_FUZZ
-@given(number=st.one_of(st.text(max_size=8), st.integers(-5, 10**9).map(str), st.floats().map(str)),
-       option=st.sampled_from(["--min-gain", "--confidence", "--min-seeds", "--max-seeds", "--screen-at",
-                               "--patience", "--max-candidates", "--budget-hours", "--epochs", "--subset"]))
+@given(number=st.one_of(st.text(alphabet=st.characters(exclude_characters="\x00"), max_size=8),
+                        st.integers(-5, 10**9).map(str), st.floats().map(str),
+                        st.sampled_from(["inf", "-inf", "nan", "1e9", "0", "1", "3", "100", "1e5", "0.5"])),
+       option=st.sampled_from(sorted(NUMBER_RANGES)))
 def test_command_line_numbers(tmp_path, number: str, option: str) -> None:
-    """Any number on the command line: exit 2 with one line (here the data never exists, so no run trains)."""
+    """Any number on the command line: a valid one is taken (the command then stops on the study's data, which never
+    exists, so nothing trains), any other is refused with one line naming the setting; exit 2 either way."""
     study = tmp_path / "s.yaml"
-    study.write_text(yaml.safe_dump(small_study(tmp_path, data={"name": "imagefolder:/nonexistent"})))
+    study.write_text(yaml.safe_dump(small_study(tmp_path, seeds=[0, 1, 2],
+                                                data={"name": "imagefolder:/nonexistent"})))
     res = run_cli("buildup", "--study", str(study), "--quiet", f"{option}={number}")
     assert res.returncode == 2, res.stderr + res.stdout
     assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    reached_the_data = "/nonexistent" in res.stderr
+    assert reached_the_data == _number_is_valid(option, number), (option, number, res.stderr)
+    if not reached_the_data:
+        key = option.lstrip("-").replace("-", "_")
+        assert option in res.stderr or key in res.stderr, res.stderr
 
 
 @CLI_FUZZ
@@ -150,3 +181,14 @@ def test_arch_command(placement: str, image_size: int, window: int) -> None:
 @pytest.mark.parametrize("text", ["", ",,,", "C" * 10_000, "M,M,M,M", "C,C,C,C\n", "ＣＣ,ＣＭ"])
 def test_placement_edge_cases(text: str) -> None:
     _user_error_or_value(lambda: Placement.parse(text))
+
+
+@pytest.mark.parametrize(("section", "key", "value"), [
+    ("recipe", "lr", math.inf), ("recipe", "lr", "inf"), ("recipe", "lr", math.nan), ("recipe", "epochs", 1e9),
+    ("buildup", "min_gain", math.inf), ("buildup", "budget_hours", math.inf), ("buildup", "min_gain", 1e3),
+    ("data", "subset", math.inf), ("diagnostics", "noise_images", 1e12), ("optuna", "trials", 10**9),
+])
+def test_every_number_of_a_study_has_a_finite_range(tmp_path, section: str, key: str, value) -> None:
+    """inf, nan and absurd sizes in a study file are one-line errors naming the key, never a run or a traceback."""
+    with pytest.raises(AlternasError, match=key):
+        study_from_dict(small_study(tmp_path, **{section: {key: value}}))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -20,6 +21,7 @@ from alternas.data.loader import TensorLoader
 from alternas.diagnostics.hessian import twice_differentiable
 from alternas.errors import PlacementError
 from alternas.search import Evaluator, run_buildup, study_from_dict
+from alternas.search.selection import load_results
 from alternas.search.storage import alive, fail_dead_workers, open_storage, process_start
 from alternas.train import fit, get_recipe
 from alternas.train.metrics import predict
@@ -100,6 +102,29 @@ def test_losing_result_json_after_training_rediagnoses_the_trained_weights(tmp_p
     assert again.val_acc == first.val_acc
     assert again.lambda_max == pytest.approx(first.lambda_max, rel=1e-4)
     assert again.delta_high == pytest.approx(first.delta_high, rel=1e-4, abs=1e-6)
+
+
+def test_a_lost_result_json_is_restored_from_the_storage_not_retrained(tmp_path) -> None:
+    raw = _study(tmp_path, seeds=[0, 1], diagnostics={"hessian": False, "fourier": False},
+                 buildup={"max_candidates": 1})
+    path = _write(tmp_path, raw)
+    assert run_cli("buildup", "--study", str(path), "--quiet").returncode == 0
+    files = sorted((tmp_path / "study" / "candidates").glob("*/result.json"))
+    before = {f: f.read_text() for f in files}
+    stamps = {f: (f.parent / "model.safetensors").stat().st_mtime_ns for f in files}
+    assert len(files) == 2
+    for f in files:
+        f.unlink()
+    res = run_cli("buildup", "--study", str(path))
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "restored 2 lost result.json file(s)" in res.stdout and "training" not in res.stdout
+    assert {f: f.read_text() for f in files} == before  # the storage's record, as written
+    assert {f: (f.parent / "model.safetensors").stat().st_mtime_ns for f in files} == stamps  # nothing retrained
+    assert len(pd.read_csv(tmp_path / "study" / "results.csv")) == 2
+    for command in (("report", str(tmp_path / "study")),
+                    ("export", "--study", str(tmp_path / "study"), "--best", "--out", str(tmp_path / "exported"))):
+        res = run_cli(*command)
+        assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
 
 
 # -- 9. cache keys ---------------------------------------------------------------------------------------------------
@@ -220,7 +245,7 @@ def test_val_fraction_zero_selects_on_the_test_split_and_says_so(tmp_path) -> No
         ({"data": {"val_fraction": "x"}}, "data: val_fraction = 'x' is not allowed"),
         ({"data": {"val_fraction": 1.5}}, "val_fraction must be in [0, 1)"),
         ({"optuna": {"sampler": "bogus"}}, "sampler = 'bogus' is not allowed: input should be 'tpe', 'nsga2'"),
-        ({"buildup": {"warm_start_epochs": -3}}, "buildup.warm_start_epochs must be >= 1"),
+        ({"buildup": {"warm_start_epochs": -3}}, "buildup.warm_start_epochs must be in [1, 100000]"),
         ({"device": 3}, "device = 3 is not allowed: input should be a valid string"),
         ({"device": "gpu7"}, "device 'gpu7' is not a torch device"),
         ({"recipe": {"name": "fast", "epochs": "many"}}, "epochs = 'many' is not allowed"),
@@ -245,6 +270,21 @@ def test_optuna_refuses_at_start_what_would_fail_later(tmp_path) -> None:
                   "redis://user:hunter2@localhost:6379")
     assert res.returncode == 2 and "unsupported Optuna storage" in res.stderr and "hunter2" not in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_optuna_without_its_data_is_one_line_and_leaves_no_trial(tmp_path, monkeypatch) -> None:
+    """The mission's `alternas optuna --trials 50` on a machine without CIFAR-100: one line, exit 2, and the study's
+    storage holds no failed trial."""
+    monkeypatch.setenv("ALTERNAS_OFFLINE", "1")
+    monkeypatch.setenv("ALTERNAS_DATA", str(tmp_path / "no-data"))
+    monkeypatch.chdir(tmp_path)
+    res = run_cli("optuna", "--trials", "50", "--base", "tiny", "--data", "cifar100")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and "cifar-100-python" in res.stderr, res.stderr
+    journals = [p for p in tmp_path.rglob("*") if p.is_file() and "journal" in p.name and "lock" not in p.name]
+    for journal in journals:  # a storage, if one was opened at all, holds no trial
+        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+        assert not any(summary.n_trials for summary in optuna.get_all_study_summaries(storage)), journal
 
 
 def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monkeypatch) -> None:
@@ -277,6 +317,7 @@ def test_damaged_files_are_redone_never_reported(tmp_path) -> None:
     run_dir = Path(first.run_dir)
     (run_dir / "result.json").write_text('{"key": "')  # torn write
     (run_dir / "model.safetensors").write_bytes(b"\x00" * 10)
+    assert load_results(tmp_path / "study") == {}  # export, claims, report, bench: a damaged result is not a result
     again = Evaluator(config, quiet=True).evaluate("CC,CC,CC,CC", 0)  # finishes again from the last checkpoint
     assert again.status == "completed" and again.val_acc == first.val_acc and again.test_acc == first.test_acc
     assert load_file(run_dir / "model.safetensors")  # whole again

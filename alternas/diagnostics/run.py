@@ -66,8 +66,8 @@ class DiagnosticsConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
-                raise ConfigError(f"diagnostics.{f.name} must be >= 0, got {value}")
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value <= 10_000_000:
+                raise ConfigError(f"diagnostics.{f.name} must be in [0, 10000000], got {value}")
         for key in ("hessian_k", "hessian_batches", "hessian_batch_size", "cka_batches", "cka_batch_size"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")

@@ -653,6 +653,9 @@ def run_buildup(
     if config.seed_budget[1] == 1:
         log(ONE_SEED)
     board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)
+    restored = evaluator.restore_results(e.result for e in board.snapshot().done.values())
+    if restored:
+        log(f"restored {restored} lost result.json file(s) from the study's storage (nothing retrained)")
     worker = _Worker(config, evaluator, board, log)
     began = time.perf_counter()
     replay = worker.run(folder, selection_split)

@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,15 @@ def _read_result(path: Path) -> CandidateResult | None:
         return CandidateResult.from_dict(json.loads(path.read_text()))
     except DAMAGED_RECORD_ERRORS:
         return None
+
+
+def read_results(candidates: Path) -> dict[str, CandidateResult]:
+    """Every readable ``candidates/<key>/result.json`` by key: the one reader of result files. A damaged file is left
+    out (its candidate counts as not evaluated, and the evaluator evaluates it again)."""
+    if not candidates.is_dir():
+        return {}
+    results = ((path.parent.name, _read_result(path)) for path in sorted(candidates.glob("*/result.json")))
+    return {key: result for key, result in results if result is not None}
 
 
 def epoch_diagnostics_dir(run_dir: str | Path, epoch: int) -> Path:
@@ -355,16 +364,26 @@ class Evaluator:
         self.write_table()
 
     def all_results(self) -> list[CandidateResult]:
-        if not self.folder.candidates.is_dir():
-            return []
-        results = (_read_result(path) for path in sorted(self.folder.candidates.glob("*/result.json")))
-        return [r for r in results if r is not None]
+        return list(read_results(self.folder.candidates).values())
+
+    def restore_results(self, recorded: Iterable[CandidateResult]) -> int:
+        """Write back the ``result.json`` of runs the search's storage records as finished whose file is lost or
+        damaged (a user's ``rm``, a disk that lost a file) while their run folder is still there: the record is the
+        result, so nothing is trained again and export, claims and reports see the run. Returns how many."""
+        lost = [r for r in recorded if r.status in ("completed", "diverged")
+                and (self.folder.candidates / r.key).is_dir() and _read_result(self.result_path(r.key)) is None]
+        for result in lost:
+            atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1), durable=True)
+        if lost:
+            self.write_table()
+        return len(lost)
 
     def write_table(self) -> Path:
         """``results.csv``: one row per candidate, rebuilt from the per-candidate files under a lock, so a worker
-        that read the folder before another one's result landed cannot overwrite the table without that row."""
+        that read the folder before another one's result landed cannot overwrite the table without that row. No
+        candidate yet: an empty file (what readers take for "nothing evaluated")."""
         self.folder.root.mkdir(parents=True, exist_ok=True)
         with FileLock(self.folder.root / ".results.lock"):
             rows = [r.to_row() for r in self.all_results()]
             return atomic_write(self.folder.root / "results.csv",
-                                lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False))
+                                lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False) if rows else tmp.write_text(""))

@@ -103,6 +103,8 @@ def run_optuna(
     if space.base.split("@")[0] != config.base.split("@")[0]:
         raise ConfigError(f"{space.source} is a space over base {space.base!r} but the study's base is "
                           f"{config.base!r}; pass --base {space.base} or another --space")
+    # the data is loaded (a missing dataset is one line) before the storage holds any trial of this run
+    data = load_data(config.data)
     multi = len(names) > 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [OBJECTIVES[n][1] for n in names]
@@ -126,7 +128,7 @@ def run_optuna(
             log(f"not enqueued: the {label} placement {placement} is outside {space.source}")
         else:  # skipped when any trial (this run's or a resumed study's, in any state) already has these params
             study.enqueue_trial(params, user_attrs={"enqueued": label}, skip_if_exists=True)
-    objective = _Objective(config, space, names, multi, quiet, log, retry_failed)
+    objective = _Objective(config, space, names, multi, quiet, log, data, retry_failed)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     remaining = trials - len(study.get_trials(deepcopy=False, states=counted))
     if remaining > 0:  # a finished study is only reported: optimize would run one more trial before the callback
@@ -140,17 +142,15 @@ class _Objective:
     """One trial: sample -> evaluate every seed -> report epochs for pruning -> record everything."""
 
     def __init__(self, config: StudyConfig, space: SearchSpace, names: list[str], multi: bool, quiet: bool,
-                 log: Callable[[str], None], retry_failed: bool = False) -> None:
+                 log: Callable[[str], None], data: DataSplits, retry_failed: bool = False) -> None:
         self.config, self.space, self.names, self.multi, self.log = config, space, names, multi, log
         self.quiet, self.retry_failed = quiet, retry_failed
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
-        self._data: DataSplits | None = None
+        self._data = data
 
     def _shared_data(self, config: DataConfig) -> DataSplits:
         """Every trial trains on the study's one dataset (trials vary the base and window, never the data): loaded
-        by the first trial that trains, then reused, not decoded again per trial."""
-        if self._data is None:
-            self._data = load_data(config)
+        once before the first trial, not decoded again per trial."""
         return self._data
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:

@@ -6,13 +6,12 @@ import json
 from pathlib import Path
 
 from alternas.errors import ConfigError
-from alternas.search.evaluator import CandidateResult
+from alternas.search.evaluator import CandidateResult, read_results
 
 
 def load_results(study_dir: str | Path) -> dict[str, CandidateResult]:
-    """Every candidate result of a study folder, by key."""
-    root = Path(study_dir) / "candidates"
-    return {p.parent.name: CandidateResult.from_dict(json.loads(p.read_text())) for p in root.glob("*/result.json")}
+    """Every readable candidate result of a study folder, by key (a damaged ``result.json`` is left out)."""
+    return read_results(Path(study_dir) / "candidates")
 
 
 def best_buildup_run(study_dir: str | Path) -> CandidateResult:
@@ -27,7 +26,8 @@ def best_buildup_run(study_dir: str | Path) -> CandidateResult:
     keys = next((s["keys"] for s in trajectory["steps"] if s["placement"] == best), [])
     runs = [results[k] for k in keys if k in results and results[k].status == "completed"]
     if not runs:
-        raise ConfigError(f"{study_dir}: the best placement {best} has no finished run to export")
+        raise ConfigError(f"{study_dir}: the best placement {best} has no finished run to export (a lost "
+                          "result.json is restored by running the same `alternas buildup` command again)")
     return max(runs, key=lambda r: r.val_acc or 0.0)
 
 

@@ -23,7 +23,7 @@ from alternas.errors import AlternasError, ConfigError, check_types, reject_unkn
 from alternas.fileio import atomic_write_text
 from alternas.models.bases import get_base
 from alternas.placement import Placement
-from alternas.train.recipe import Recipe, get_recipe
+from alternas.train.recipe import MAX_EPOCHS, Recipe, get_recipe
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,12 @@ class OptunaConfig:
     grace_period_s: int = 90
 
     def __post_init__(self) -> None:
-        if self.trials < 1:
-            raise ConfigError(f"optuna.trials must be >= 1, got {self.trials}")
+        if not 1 <= self.trials <= 1_000_000:
+            raise ConfigError(f"optuna.trials must be in [1, 1000000], got {self.trials}")
         if not self.objectives:
             raise ConfigError("optuna.objectives: give at least one objective")
-        if not 0 < self.heartbeat_s < self.grace_period_s:
-            raise ConfigError("optuna.heartbeat_s must be positive and below optuna.grace_period_s "
+        if not 0 < self.heartbeat_s < self.grace_period_s <= 86_400:
+            raise ConfigError("optuna.heartbeat_s must be positive and below optuna.grace_period_s (at most a day) "
                               f"(got {self.heartbeat_s} and {self.grace_period_s})")
 
 
@@ -102,14 +102,14 @@ class StudyConfig:
                 raise ConfigError(f"device {self.device!r} is not a torch device; use cpu, cuda, cuda:1 or mps, "
                                   "or leave it out to pick one") from None
         b = self.buildup
-        if not (b.min_gain >= 0 and b.patience >= 0 and b.max_candidates >= 1):
-            raise ConfigError(f"buildup: min_gain ({b.min_gain}) and patience ({b.patience}) must be >= 0 and "
-                              f"max_candidates ({b.max_candidates}) >= 1")
-        if b.warm_start_epochs is not None and b.warm_start_epochs < 1:
-            raise ConfigError(f"buildup.warm_start_epochs must be >= 1 (or null: half the epochs), got "
-                              f"{b.warm_start_epochs}")
-        if b.budget_hours is not None and not b.budget_hours > 0:
-            raise ConfigError(f"buildup.budget_hours must be > 0 (or null: no budget), got {b.budget_hours}")
+        if not (0 <= b.min_gain <= 100 and 0 <= b.patience <= 1000 and 1 <= b.max_candidates <= 100_000):
+            raise ConfigError(f"buildup: min_gain ({b.min_gain}) must be in [0, 100] pp, patience ({b.patience}) in "
+                              f"[0, 1000] and max_candidates ({b.max_candidates}) in [1, 100000]")
+        if b.warm_start_epochs is not None and not 1 <= b.warm_start_epochs <= MAX_EPOCHS:
+            raise ConfigError(f"buildup.warm_start_epochs must be in [1, {MAX_EPOCHS}] (or null: half the epochs), "
+                              f"got {b.warm_start_epochs}")
+        if b.budget_hours is not None and not 0 < b.budget_hours <= 1e5:
+            raise ConfigError(f"buildup.budget_hours must be in (0, 100000] (or null: no budget), got {b.budget_hours}")
         if not 0.5 < b.confidence < 1:
             raise ConfigError(f"buildup.confidence must be in (0.5, 1), got {b.confidence}")
         if b.screen_at is not None and not 0 < b.screen_at < 1:

@@ -14,6 +14,9 @@ from typing import Any, Literal
 
 from alternas.errors import ConfigError, check_types, reject_unknown_keys
 
+MAX_EPOCHS = 100_000  # a finite range for every number: a typo like 1e9 is refused, not trained for years
+MAX_BATCH = 1 << 20
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -47,17 +50,22 @@ class Recipe:
         checks = [
             (self.optimizer in ("adamw", "sgd"), "optimizer must be 'adamw' or 'sgd'"),
             (self.lr > 0, "lr must be > 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.batch_size >= 2 and self.eval_batch_size >= 1, "batch_size must be >= 2"),
-            (self.epochs >= 1 and self.warmup_epochs >= 0, "epochs must be >= 1 and warmup_epochs >= 0"),
+            (0 <= self.weight_decay <= 10, "weight_decay must be in [0, 10]"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (2 <= self.batch_size <= MAX_BATCH and 1 <= self.eval_batch_size <= MAX_BATCH,
+             f"batch_size must be in [2, {MAX_BATCH}] and eval_batch_size in [1, {MAX_BATCH}]"),
+            (1 <= self.epochs <= MAX_EPOCHS and 0 <= self.warmup_epochs <= MAX_EPOCHS,
+             f"epochs must be in [1, {MAX_EPOCHS}] and warmup_epochs in [0, {MAX_EPOCHS}]"),
+            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (self.schedule in ("cosine", "multistep", "constant"), "schedule must be cosine, multistep or constant"),
             (self.clip_grad is None or self.clip_grad > 0, "clip_grad must be > 0 or null"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
-            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (0 <= self.mixup <= 100 and 0 <= self.cutmix <= 100, "mixup and cutmix must be in [0, 100]"),
+            (0 <= self.crop_padding <= 1024, "crop_padding must be in [0, 1024]"),
             (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
             (self.crop in ("pad", "resized"), "crop must be 'pad' or 'resized'"),
             (0 <= self.drop_path < 1, "drop_path must be in [0, 1)"),
-            (self.workers >= 0, "workers must be >= 0"),
+            (0 <= self.workers <= 1024, "workers must be in [0, 1024]"),
             (isinstance(self.flip, bool) and isinstance(self.zero_init_last, bool),
              "flip and zero_init_last must be true or false"),
         ]
