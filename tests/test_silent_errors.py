@@ -287,6 +287,22 @@ def test_optuna_without_its_data_is_one_line_and_leaves_no_trial(tmp_path, monke
         assert not any(summary.n_trials for summary in optuna.get_all_study_summaries(storage)), journal
 
 
+def test_on_an_rdb_storage_only_the_heartbeat_says_a_worker_died(tmp_path) -> None:
+    """Another container may share this host name but not its pids: on an RDB storage a trial whose pid is unknown
+    here stays RUNNING while its heartbeat is fresh; on the journal file (no heartbeats) the same trial is failed."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for url, fails in ((f"sqlite:///{tmp_path / 'rdb.sqlite3'}", False), (None, True)):
+        study = optuna.create_study(study_name="t", storage=open_storage(tmp_path / "study", url))
+        trial = study.ask()
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
+        if url:
+            study._storage.record_heartbeat(trial._trial_id)
+        assert fail_dead_workers(study, lambda _: None, requeue=False) == int(fails)
+        state = study.get_trials(deepcopy=False)[0].state
+        assert state == (optuna.trial.TrialState.FAIL if fails else optuna.trial.TrialState.RUNNING), url
+
+
 def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monkeypatch) -> None:
     """Two workers start together: both list the dead worker's RUNNING trial before either fails it."""
     config = study_from_dict(_study(tmp_path))

@@ -2,8 +2,8 @@
 
 Both searches keep their shared state in an Optuna storage: an RDB (PostgreSQL, MySQL, SQLite) for workers on
 many machines, or by default a journal file in the study folder. A worker killed mid-trial is found two ways: on
-an RDB storage by Optuna's heartbeat (``fail_stale_trials``, any host), and on any storage by its process id when
-it ran on this host (the journal file has no heartbeats).
+an RDB storage by Optuna's heartbeat (``fail_stale_trials``, any host), and on the journal file (no heartbeats) by
+its process id when it ran on this host.
 """
 
 from __future__ import annotations
@@ -81,12 +81,15 @@ def mark_worker(trial_id: int, storage: Any) -> None:
 
 
 def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: bool = True) -> int:
-    """Fail the RUNNING trials whose worker is gone: stale heartbeats on an RDB storage (any host), and trials
-    started on this host by a process that no longer exists (any storage). With ``requeue`` a failed trial is
-    enqueued again with the same parameters (the Optuna search; the build-up asks again by itself)."""
+    """Fail the RUNNING trials whose worker is gone: stale heartbeats on an RDB storage (any host), and on the
+    journal file (no heartbeats) trials started on this host by a process that no longer exists. With ``requeue``
+    a failed trial is enqueued again with the same parameters (the Optuna search; the build-up asks again by
+    itself)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats (the journal file)
+    if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+        return 0  # liveness is the heartbeat's job: a pid says nothing of a container that shares the host name
     host = socket.gethostname()
     failed = 0
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
