@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -358,3 +359,44 @@ def test_mixed_precision_validation_computes_logits_in_fp32() -> None:
     logits, _ = predict(model, batches, device=torch.device("cpu"), amp_dtype=torch.bfloat16)
     assert logits.dtype == torch.float32
     assert not torch.equal(logits, logits.bfloat16().float())  # not bf16 values widened to fp32
+
+
+def test_the_heartbeat_outlives_a_storage_error_and_says_so_once(tmp_path) -> None:
+    """A real storage error: another connection holds the SQLite database exclusively for a while, so beats fail
+    ("database is locked"); the thread keeps beating and recovers when the lock goes."""
+    import sqlite3
+    import time
+
+    from alternas.search.storage import Heartbeat
+
+    db = tmp_path / "rdb.sqlite3"
+    storage = open_storage(tmp_path, f"sqlite:///{db}", heartbeat_s=1, grace_period_s=60)
+    study = optuna.create_study(study_name="t", storage=storage)
+    trial_id = study.ask()._trial_id
+    lines: list[str] = []
+    with Heartbeat(storage, trial_id, lines.append) as beat:
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        time.sleep(7)  # longer than SQLite's 5 s busy timeout: at least one beat fails
+        lock.execute("ROLLBACK")
+        lock.close()
+        time.sleep(3)
+        assert beat._thread is not None and beat._thread.is_alive()
+    assert sum("heartbeat of trial" in line and "failed" in line for line in lines) == 1, lines
+    assert any("recovered" in line for line in lines), lines
+
+
+def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path) -> None:
+    from alternas.search.buildup import Evaluated, EvaluationRequest
+    from alternas.search.evaluations import SharedEvaluations
+    from alternas.search.evaluator import CandidateResult
+
+    config = study_from_dict(_study(tmp_path))
+    board = SharedEvaluations(config, log=lambda _: None)
+    request = EvaluationRequest("CC,CC,CC,CC", 0, "k0")
+    trial_id = board.claim(request)
+    board.study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)  # another worker's verdict
+    result = CandidateResult("k0", "CC,CC,CC,CC", 0, 0, "tiny", 1, None, "completed", val_acc=50.0)
+    board.record(trial_id, Evaluated(result, {1: np.array([True, False])}, 1))
+    done = board.snapshot().done[request.id]
+    assert done.result == result and done.at().tolist() == [True, False]

@@ -149,16 +149,24 @@ class SharedEvaluations:
         again)."""
         storage, result = self.study._storage, evaluated.result
         first = next(iter(evaluated.correct.values()), None)
-        storage.set_trial_user_attr(trial_id, "result", asdict(result))
-        storage.set_trial_user_attr(trial_id, "n_examples", 0 if first is None else len(first))
-        storage.set_trial_user_attr(trial_id, "correct", {str(e): encode_correct(c)
-                                                          for e, c in evaluated.correct.items()})
-        storage.set_trial_user_attr(trial_id, "last_epoch", evaluated.last_epoch)
-        if result.status == "failed":
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        else:
-            value = result.val_acc if result.val_acc is not None else 0.0
-            storage.set_trial_state_values(trial_id, TrialState.COMPLETE, values=[value])
+        attrs = {"result": asdict(result), "n_examples": 0 if first is None else len(first),
+                 "correct": {str(e): encode_correct(c) for e, c in evaluated.correct.items()},
+                 "last_epoch": evaluated.last_epoch}
+        state = TrialState.FAIL if result.status == "failed" else TrialState.COMPLETE
+        values = None if state == TrialState.FAIL else [result.val_acc if result.val_acc is not None else 0.0]
+        try:
+            for key, value in attrs.items():
+                storage.set_trial_user_attr(trial_id, key, value)
+            storage.set_trial_state_values(trial_id, state, values=values)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker failed the claim as stale (a heartbeat that could not reach the storage): the work is
+            # done all the same, so it is stored as a finished trial of its own rather than lost
+            claimed = self.study._storage.get_trial(trial_id)
+            self.study.add_trial(optuna.trial.create_trial(
+                state=state, values=values, params=claimed.params, distributions=claimed.distributions,
+                user_attrs={**claimed.user_attrs, **worker_attrs(), **attrs}))
+            self.log(f"trial {claimed.number} was failed by another worker while this one trained it; its result "
+                     "is stored as a new trial")
 
     def release(self, trial_id: int, why: str) -> None:
         """Give a claimed trial up without a result (interrupted, cancelled, a twin): it will be asked for again."""
@@ -170,7 +178,7 @@ class SharedEvaluations:
             pass  # already failed as stale by another worker
 
     def heartbeat(self, trial_id: int) -> Heartbeat:
-        return Heartbeat(self.storage, trial_id)
+        return Heartbeat(self.storage, trial_id, self.log)
 
     def fail_dead_workers(self) -> int:
         return fail_dead_workers(self.study, self.log, requeue=False)

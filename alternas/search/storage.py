@@ -137,8 +137,8 @@ class Heartbeat:
     """Records a trial's heartbeat every ``interval`` seconds while training runs outside ``study.optimize`` (which
     would do it itself), so that an RDB storage fails the trial only when its worker is really gone."""
 
-    def __init__(self, storage: Any, trial_id: int) -> None:
-        self.storage, self.trial_id = storage, trial_id
+    def __init__(self, storage: Any, trial_id: int, log: Callable[[str], None] = print) -> None:
+        self.storage, self.trial_id, self.log = storage, trial_id, log
         self.interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -151,8 +151,21 @@ class Heartbeat:
         return self
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.storage.record_heartbeat(self.trial_id)
+        """Beat every ``interval``; a storage error (a dropped connection, a database restart) is retried sooner,
+        with backoff, and said once: a dead heartbeat thread would let other workers fail a live trial."""
+        wait, failing = self.interval, False
+        while not self._stop.wait(wait):
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as err:  # noqa: BLE001 - any storage error: keep beating
+                if not failing:
+                    self.log(f"heartbeat of trial {self.trial_id} failed ({type(err).__name__}: "
+                             f"{redact(str(err)).splitlines()[0] if str(err) else ''}); retrying")
+                failing, wait = True, min(self.interval, 1.0 if not failing else wait * 2)
+            else:
+                if failing:
+                    self.log(f"heartbeat of trial {self.trial_id} recovered")
+                failing, wait = False, self.interval
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
