@@ -400,3 +400,25 @@ def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path)
     board.record(trial_id, Evaluated(result, {1: np.array([True, False])}, 1))
     done = board.snapshot().done[request.id]
     assert done.result == result and done.at().tolist() == [True, False]
+
+
+def test_an_optuna_trial_with_a_diverged_seed_is_not_scored_on_the_others(tmp_path) -> None:
+    """Seed 1 of the first trial's placement diverged (its final result is in the cache, as a real run leaves it);
+    seed 0 trains. The trial is pruned, as the build-up rejects such a placement, not scored on its lucky seed."""
+    from dataclasses import asdict
+
+    from alternas.search.evaluator import CandidateResult
+    from alternas.search.optuna_search import run_optuna
+
+    config = study_from_dict(_study(tmp_path, seeds=[0, 1], diagnostics={"hessian": False, "fourier": False},
+                                    optuna={"trials": 1, "pruner": "none"}))
+    key = Evaluator(config).key_for("CC,CC,CC,CC", 1)
+    diverged = CandidateResult(key, "CC,CC,CC,CC", 0, 1, "tiny", 1, 300, "diverged", error="training loss became nan")
+    (tmp_path / "study" / "candidates" / key).mkdir(parents=True)
+    (tmp_path / "study" / "candidates" / key / "result.json").write_text(json.dumps(asdict(diverged)))
+    lines: list[str] = []
+    study = run_optuna(config, quiet=True, log=lines.append)
+    trial = study.trials[0]
+    assert trial.user_attrs["placement"] == "CC,CC,CC,CC" and trial.user_attrs["statuses"] == ["completed", "diverged"]
+    assert trial.state == optuna.trial.TrialState.PRUNED  # never ranked: only complete trials are
+    assert any("1 of 2 seeds did not complete" in line for line in lines), lines

@@ -177,11 +177,14 @@ class _Objective:
                 trial.set_user_attr("invalid", str(err))
                 self.log(f"[trial {trial.number}] invalid: {err} (pruned)")
                 raise optuna.TrialPruned(f"invalid placement: {err}") from None
-        done = [r for r in runs if r.status == "completed"]
         self._record(trial, runs)
-        if not done:
-            raise optuna.TrialPruned(f"every seed ended {runs[0].status}: {runs[0].error}")
-        values = [statistics.fmean(getattr(r, OBJECTIVES[n][0]) for r in done) for n in self.names]
+        unfinished = [r for r in runs if r.status != "completed"]
+        if unfinished:  # as in the build-up: a seed that diverged fails the placement, never a score on the rest
+            first = unfinished[0]
+            self.log(f"[trial {trial.number}] {len(unfinished)} of {len(runs)} seeds did not complete (seed "
+                     f"{first.seed}: {first.status}) (pruned)")
+            raise optuna.TrialPruned(f"{len(unfinished)} of {len(runs)} seeds ended {first.status}: {first.error}")
+        values = [statistics.fmean(getattr(r, OBJECTIVES[n][0]) for r in runs) for n in self.names]
         self.log(f"    {', '.join(f'{n} {v:.4g}' for n, v in zip(self.names, values))}")
         return values if self.multi else values[0]
 
