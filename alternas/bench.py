@@ -19,6 +19,7 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
+from alternas.search.buildup import WHAT_IFS
 from alternas.train.fit import pick_device, training_autocast, training_memory_format
 
 
@@ -464,7 +465,7 @@ class SimulatedTraining:
         return Evaluated(result, {epochs: correct}, epochs)
 
 
-def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: int | None = None) -> dict:
+def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: int = WHAT_IFS) -> dict:
     """Discrete-event run of ``workers`` build-up workers on simulated training: each idle worker takes the most
     needed evaluation nobody runs (the real planner, ``plan_buildup``), and a running evaluation nobody needs any
     more is stopped. Returns the wall time, the work per evaluation and the decisions."""
@@ -472,7 +473,6 @@ def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: i
 
     from alternas.search.buildup import plan_buildup
 
-    what_ifs = what_ifs or max(16, 4 * workers)
     done: dict = {}
     running: dict[str, tuple[float, float, object]] = {}  # evaluation id -> (start, finish, request)
     work: dict[str, float] = defaultdict(float)

@@ -15,7 +15,7 @@ import yaml
 
 from alternas.bench import PAPER_BUILDUP, SimulatedTraining, buildup_workers, simulate_buildup
 from alternas.search import study_from_dict
-from alternas.search.buildup import plan_buildup
+from alternas.search.buildup import WHAT_IFS, _Worker, plan_buildup
 from tests.helpers import postgres_url, run_cli, small_study
 
 PAPER_START = "CCC,CCCC,CCCCCC,CCCC"
@@ -177,3 +177,12 @@ def test_a_killed_workers_evaluation_is_finished_by_the_other_from_its_checkpoin
     finished = [t for t in study.get_trials() if t.user_attrs.get("evaluation") == orphan.user_attrs["evaluation"]
                 and t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 1 and finished[0].user_attrs["worker"].endswith(f":{survivor.pid}")
+
+
+def test_the_simulated_workers_plan_as_far_ahead_as_real_ones() -> None:
+    """The published speedups come from the planner real workers run: the same number of what-if branches."""
+    import inspect
+
+    assert inspect.signature(simulate_buildup).parameters["what_ifs"].default == WHAT_IFS
+    assert inspect.signature(plan_buildup).parameters["what_ifs"].default == WHAT_IFS
+    assert "what_ifs" not in inspect.getsource(_Worker.plan)  # the real worker takes the default

@@ -590,7 +590,10 @@ class Plan:
     requests: list[tuple[EvaluationRequest, float]]
 
 
-def plan_buildup(config: StudyConfig, lookup: Lookup, what_ifs: int = 16, say: Say = lambda key, line: None,
+WHAT_IFS = 16  # what-if branches a worker plans ahead: real workers and `alternas bench buildup-workers` alike
+
+
+def plan_buildup(config: StudyConfig, lookup: Lookup, what_ifs: int = WHAT_IFS, say: Say = lambda key, line: None,
                  keys: dict[tuple, str] | None = None) -> Plan:
     """Replay the search, then up to ``what_ifs`` what-if branches of its pending looks, likeliest first: the
     evaluations each branch would need next are the speculative work, weighted by the branch's probability."""
