@@ -422,3 +422,24 @@ def test_an_optuna_trial_with_a_diverged_seed_is_not_scored_on_the_others(tmp_pa
     assert trial.user_attrs["placement"] == "CC,CC,CC,CC" and trial.user_attrs["statuses"] == ["completed", "diverged"]
     assert trial.state == optuna.trial.TrialState.PRUNED  # never ranked: only complete trials are
     assert any("1 of 2 seeds did not complete" in line for line in lines), lines
+
+
+def test_a_worker_with_other_decision_settings_or_a_second_folder_is_refused(tmp_path) -> None:
+    """One build-up, one policy: a worker whose min_gain (or any decision setting) differs is refused with one line
+    naming the key before it rewrites anything; on a shared database a second study folder of the same name on this
+    host is refused too. Settings that only say when to stop may change."""
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    raw = _study(tmp_path, seeds=[0, 1], diagnostics={"hessian": False, "fourier": False},
+                 buildup={"max_candidates": 1})
+    path = _write(tmp_path, raw)
+    assert run_cli("buildup", "--study", str(path), "--quiet", "--storage", url).returncode == 0
+    saved = (tmp_path / "study" / "study.yaml").read_text()
+    res = run_cli("buildup", "--study", str(path), "--quiet", "--storage", url, "--min-gain", "0.3")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "other settings: min_gain 0.0 (here 0.3)" in res.stderr, res.stderr
+    assert (tmp_path / "study" / "study.yaml").read_text() == saved  # the running search's settings stay
+    res = run_cli("buildup", "--study", str(path), "--quiet", "--storage", url, "--max-candidates", "2")
+    assert res.returncode == 0, res.stderr
+    res = run_cli("buildup", "--study", str(path), "--quiet", "--storage", url, "--out", str(tmp_path / "other"))
+    assert res.returncode == 2 and "belongs to the study folder" in res.stderr and str(tmp_path / "study") in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

@@ -647,6 +647,7 @@ def run_buildup(
     """
     from alternas.search.evaluations import SharedEvaluations
 
+    board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)  # refuses a differing worker
     folder = StudyFolder(config.output_dir)
     folder.save_config(config)
     evaluator = Evaluator(config, folder, quiet=quiet, retry_failed=retry_failed)
@@ -655,7 +656,6 @@ def run_buildup(
         log(SELECTS_ON_TEST)
     if config.seed_budget[1] == 1:
         log(ONE_SEED)
-    board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)
     restored = evaluator.restore_results(e.result for e in board.snapshot().done.values())
     if restored:
         log(f"restored {restored} lost result.json file(s) from the study's storage (nothing retrained)")

@@ -17,18 +17,23 @@ the later one's look sees the earlier one, so at most one trains; rarely both gi
 from __future__ import annotations
 
 import base64
+import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
 from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from alternas.errors import ConfigError
 from alternas.search.buildup import Evaluated, EvaluationRequest
-from alternas.search.evaluator import CandidateResult, warm_recipe
+from alternas.search.evaluator import CandidateResult, candidate_key, warm_recipe
 from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, worker_attrs
 from alternas.search.study import StudyConfig
+from alternas.search.table import start_placement
 
 SUFFIX = ":buildup"
 
@@ -39,6 +44,18 @@ class Snapshot:
 
     done: dict[str, Evaluated]  # evaluation id -> its finished result
     running: set[str]  # evaluation ids some worker is running
+
+
+def decision_settings(config: StudyConfig) -> dict[str, Any]:
+    """What decides the build-up's answers: every worker of one search must agree on these (``max_candidates`` and
+    ``budget_hours`` only say when to stop, so a resumed search may change them)."""
+    b = config.buildup
+    low, high = config.seed_budget
+    start = start_placement(config)
+    return {"seeds": list(config.seeds), "start": str(start), "min_gain": b.min_gain, "confidence": b.confidence,
+            "min_seeds": low, "max_seeds": high, "screen_at": b.screen_at, "patience": b.patience,
+            "warm_start": b.warm_start, "warm_start_epochs": b.warm_start_epochs,
+            "runs (base, window, data, recipe)": candidate_key(start, config, config.recipe, 0)}
 
 
 def encode_correct(correct: np.ndarray) -> str:
@@ -61,8 +78,35 @@ class SharedEvaluations:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(study_name=f"{oc.study_name or config.name}{SUFFIX}", storage=self.storage,
                                          load_if_exists=True, direction="maximize")
+        self._check_joins(config)
         self.me = worker_attrs()
         self._decoded: dict[int, Evaluated] = {}
+
+    def _check_joins(self, config: StudyConfig) -> None:
+        """Refuse, before anything runs, a worker whose decision settings differ from the search it joins (two
+        policies would replay different decisions and overwrite each other's trajectory), and on a shared database
+        a second study folder on this host under the same study name (its runs would decide for a folder whose
+        report and export cannot see them). Other hosts keep their own folders: that is the many-machine mode."""
+        name = self.study.study_name
+        mine = decision_settings(config)
+        stored = self.study.user_attrs.get("decision_settings")
+        if stored is None:
+            self.study.set_user_attr("decision_settings", mine)
+            stored = self.study.user_attrs.get("decision_settings") or mine  # a worker starting at once wins
+        differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+        if differing:
+            shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)
+            raise ConfigError(f"the build-up {name!r} in this storage runs with other settings: {shown}; run it with "
+                              "the same settings, or start another study (another `name` or --out)")
+        if isinstance(self.storage, optuna.storages.JournalStorage):
+            return  # the journal file lives in the study folder: one folder per storage by construction
+        host, folder = socket.gethostname(), str(Path(config.output_dir).resolve())
+        folders = dict(self.study.user_attrs.get("folders", {}))
+        if folders.get(host, folder) != folder:
+            raise ConfigError(f"the build-up {name!r} in this storage belongs to the study folder {folders[host]} on "
+                              f"this host, not {folder}: use that folder, or give this study another `name`")
+        if host not in folders:
+            self.study.set_user_attr("folders", {**folders, host: folder})
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _trials(self, evaluation: str | None = None) -> list[FrozenTrial]:
