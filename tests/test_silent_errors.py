@@ -443,3 +443,20 @@ def test_a_worker_with_other_decision_settings_or_a_second_folder_is_refused(tmp
     res = run_cli("buildup", "--study", str(path), "--quiet", "--storage", url, "--out", str(tmp_path / "other"))
     assert res.returncode == 2 and "belongs to the study folder" in res.stderr and str(tmp_path / "study") in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_evidence_of_two_validation_splits_is_never_paired(tmp_path) -> None:
+    """A second machine whose CIFAR files differ (the cache key leaves out where data lives) continues the search
+    in a shared storage: its child would be paired with the first machine's runs of another split. One line."""
+    url = f"sqlite:///{tmp_path / 'shared.sqlite3'}"
+    write_cifar(tmp_path / "a", "cifar10", n_train=200, seed=1)
+    write_cifar(tmp_path / "b", "cifar10", n_train=200, seed=2)
+    raw = _study(tmp_path, seeds=[0, 1], diagnostics={"hessian": False, "fourier": False},
+                 data={"name": "cifar10", "root": str(tmp_path / "a"), "subset": None, "val_fraction": 0.3},
+                 buildup={"max_candidates": 1, "min_seeds": 2})
+    assert run_cli("buildup", "--study", str(_write(tmp_path, raw)), "--quiet", "--storage", url).returncode == 0
+    raw["data"]["root"] = str(tmp_path / "b")
+    raw["buildup"]["max_candidates"] = 2
+    res = run_cli("buildup", "--study", str(_write(tmp_path, raw)), "--quiet", "--storage", url)
+    assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert "were validated on different splits" in res.stderr and "CC,CC,CC,CC" in res.stderr, res.stderr

@@ -192,15 +192,16 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
 def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
     """The top trials' paired gains against the best trial (on the seeds both trained), and the build-up's choice
     against the same best when the folder has one: differences among the top trials are often inside the noise."""
-    from alternas.search.buildup import correctness
+    from alternas.errors import AlternasError
+    from alternas.search.buildup import Evaluated, same_split
     from alternas.search.decision import compare_paired
     from alternas.search.selection import load_results
 
     results = load_results(study_dir)
 
-    def correct_by_seed(keys: list[str]) -> dict[int, Any]:
+    def correct_by_seed(keys: list[str]) -> dict[int, Evaluated]:
         runs = [results[k] for k in keys if k in results and results[k].status == "completed"]
-        return {r.seed: correctness(r) for r in runs if (Path(r.run_dir) / "evidence.npz").is_file()}
+        return {r.seed: Evaluated.from_run(r) for r in runs if (Path(r.run_dir) / "evidence.npz").is_file()}
 
     best = correct_by_seed(ranked[0].user_attrs.get("keys", []))
     rows = [(f"trial {t.number}", t.user_attrs.get("placement", "?"), correct_by_seed(t.user_attrs.get("keys", [])))
@@ -213,10 +214,14 @@ def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
     body = []
     for label, placement, theirs in rows:
         seeds = sorted(set(theirs) & set(best))
-        if not seeds:
-            cell = "<td colspan=3>no shared seed with the best trial</td>"
+        try:
+            same_split((theirs[s], best[s]) for s in seeds)
+        except AlternasError as err:
+            seeds, cell = [], f"<td colspan=3>not comparable: {html.escape(str(err))}</td>"
         else:
-            c = compare_paired(np.stack([theirs[s] for s in seeds]), np.stack([best[s] for s in seeds]),
+            cell = "<td colspan=3>no shared seed with the best trial</td>"
+        if seeds:
+            c = compare_paired(np.stack([theirs[s].at() for s in seeds]), np.stack([best[s].at() for s in seeds]),
                                0.0, confidence)
             cell = (f"<td>{c.gain:+.2f}</td><td>[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]</td>"
                     f"<td>{', '.join(map(str, seeds))}</td>")

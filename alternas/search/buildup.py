@@ -219,6 +219,7 @@ class Evaluated:
     result: CandidateResult
     correct: dict[int, np.ndarray] = field(default_factory=dict)
     last_epoch: int | None = None
+    digest: str | None = None  # of the validation split the correctness is about (None: not recorded)
 
     def at(self, epoch: int | None = None) -> np.ndarray:
         epoch = self.last_epoch if epoch is None else epoch
@@ -235,7 +236,21 @@ class Evaluated:
             return cls(result)
         evidence = _run_evidence(result)
         wanted = {evidence.last_epoch} | {e for e in epochs if e is not None and e in evidence.epochs}
-        return cls(result, {e: evidence.at(e)[0] for e in sorted(wanted)}, evidence.last_epoch)
+        return cls(result, {e: evidence.at(e)[0] for e in sorted(wanted)}, evidence.last_epoch, evidence.digest)
+
+
+def same_split(pairs: Iterable[tuple[Evaluated, Evaluated]]) -> None:
+    """Refuse to pair evidence about different validation splits (other data files on another machine: the cache
+    key leaves out where the data lives), naming both runs."""
+    recorded = [e for pair in pairs for e in pair if e.digest is not None]
+    for other in recorded[1:]:
+        if other.digest != recorded[0].digest:
+            a, b = recorded[0].result, other.result
+            raise AlternasError(
+                f"runs {a.key} ({a.placement}, seed {a.seed}) and {b.key} ({b.placement}, seed {b.seed}) were "
+                f"validated on different splits ({recorded[0].digest} vs {other.digest}): the data differs between "
+                "the machines that trained them; give every machine the same data files, then delete the other "
+                "machine's runs to train them again")
 
 
 @dataclass
@@ -437,6 +452,7 @@ class _Racer:
             if pair is not None:
                 pairs.append(pair)
                 counted += 1
+        same_split(pairs)
         if missing:
             raise _Missing(missing, pairs)
         return pairs

@@ -147,7 +147,7 @@ class SharedEvaluations:
             self._decoded[trial.number] = Evaluated(
                 CandidateResult.from_dict(attrs["result"]),
                 {int(epoch): decode_correct(text, n) for epoch, text in attrs.get("correct", {}).items()},
-                attrs.get("last_epoch"))
+                attrs.get("last_epoch"), attrs.get("val_digest"))
         return self._decoded[trial.number]
 
     # -- claiming and recording -----------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ class SharedEvaluations:
         first = next(iter(evaluated.correct.values()), None)
         attrs = {"result": asdict(result), "n_examples": 0 if first is None else len(first),
                  "correct": {str(e): encode_correct(c) for e, c in evaluated.correct.items()},
-                 "last_epoch": evaluated.last_epoch}
+                 "last_epoch": evaluated.last_epoch, "val_digest": evaluated.digest}
         state = TrialState.FAIL if result.status == "failed" else TrialState.COMPLETE
         values = None if state == TrialState.FAIL else [result.val_acc if result.val_acc is not None else 0.0]
         try:
