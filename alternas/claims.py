@@ -46,6 +46,7 @@ class RunRecord:
     val_acc: float | None
     diagnostics: dict[str, Any]
     key: str = ""
+    warmup: dict[str, Any] = field(default_factory=dict)  # diagnostics at the end of warmup, where measured
 
     @property
     def num_msa(self) -> int:
@@ -211,27 +212,38 @@ def _log(value: float | None) -> float | None:
 
 
 def claim_flatter(best: list[RunRecord], start: list[RunRecord], confidence: float) -> ClaimResult:
-    effect = seed_interval(_paired(best, start, lambda r: _log(r.diagnostics.get("lambda_max"))), confidence,
-                           "log ratio")
-    counts = [r.diagnostics.get("hessian", {}).get("counts") or {} for r in best + start]
+    runs = best + start
+    # the paper measures at the end of warmup: those diagnostics where every run has them, else the final ones
+    at_warmup = bool(runs) and all(r.warmup.get("lambda_max") is not None for r in runs)
+    when = "end of warmup" if at_warmup else "end of training"
+
+    def diag(r: RunRecord) -> dict[str, Any]:
+        return r.warmup if at_warmup else r.diagnostics
+
+    effect = seed_interval(_paired(best, start, lambda r: _log(diag(r).get("lambda_max"))), confidence, "log ratio")
+    counts = [diag(r).get("hessian", {}).get("counts") or {} for r in runs]
     measured = {
         "effect": effect.to_dict(),
+        "measured_at": when,
         "lambda_max_ratio": _clean(math.exp(effect.mean)) if math.isfinite(effect.mean) else None,
-        "ape_log_ratio": seed_interval(_paired(best, start, lambda r: _log(r.diagnostics.get("ape"))), confidence,
+        "ape_log_ratio": seed_interval(_paired(best, start, lambda r: _log(diag(r).get("ape"))), confidence,
                                        "log ratio").to_dict(),
-        "nep_difference": seed_interval(_paired(best, start, lambda r: r.diagnostics.get("nep")), confidence).to_dict(),
+        "nep_difference": seed_interval(_paired(best, start, lambda r: diag(r).get("nep")), confidence).to_dict(),
         "best": _placement_of(best), "start": _placement_of(start),
         "eigenvalues_per_run": min((c.get("nep", 0) for c in counts), default=0),
+        # a log ratio needs λ_max > 0: runs whose largest eigenvalue is not positive are left out, and counted
+        "runs_without_positive_lambda_max": sum(1 for r in runs if (diag(r).get("lambda_max") or 0) <= 0),
     }
     return ClaimResult(
         "msa_flatten_loss", "MSAs suppress large Hessian eigenvalues",
         "the AlterNet's max-eigenvalue spectrum sits at smaller values than ResNet's (PAPER.md §5.1; CIFAR-100, "
         "end of warmup)",
         measured, verdict_of(effect, "negative"),
-        "log(λ_max of the best AlterNet / λ_max of the all-Conv start), paired by seed (λ_max: the median over "
-        "batches of each batch's top eigenvalue of NLL + L2 on augmented batches); t-interval over seeds; APE and "
-        "NEP alongside. Holds when the interval is below 0. 'eigenvalues_per_run' is the fewest values behind one "
-        "run's NEP.",
+        f"log(λ_max of the best AlterNet / λ_max of the all-Conv start) at the {when} (the end of warmup where the "
+        "study measured it: diagnostics.at_epochs: [warmup]), paired by seed (λ_max: the median over batches of each "
+        "batch's top eigenvalue of NLL + L2 on augmented batches); t-interval over seeds; APE and NEP alongside. "
+        "Holds when the interval is below 0. 'eigenvalues_per_run' is the fewest values behind one run's NEP; "
+        "'runs_without_positive_lambda_max' were left out of the log ratio.",
         "negative", effect)
 
 
@@ -320,12 +332,14 @@ NOT_PREDICTIVE = 0.3  # |ρ| below this is too weak to filter candidates with
 
 
 def claim_predicts(children: list[ChildChange], confidence: float) -> ClaimResult:
-    measured: dict[str, Any] = {"children": len(children)}
+    tests = (("lambda_max", "log_lambda_ratio"), ("high_frequency", "high_frequency_change"))
+    per_test = 1 - (1 - confidence) / len(tests)  # Bonferroni: "either one holds" keeps the study's error rate
+    measured: dict[str, Any] = {"children": len(children), "per_test_confidence": per_test}
     correlations: dict[str, Estimate] = {}
     verdicts = []
-    for name, attr in (("lambda_max", "log_lambda_ratio"), ("high_frequency", "high_frequency_change")):
+    for name, attr in tests:
         pairs = [(c.gain, getattr(c, attr)) for c in children if getattr(c, attr) is not None]
-        rho = correlations[name] = spearman_interval([g for g, _ in pairs], [v for _, v in pairs], confidence)
+        rho = correlations[name] = spearman_interval([g for g, _ in pairs], [v for _, v in pairs], per_test)
         measured[name] = {"rho": rho.to_dict()}
         lo, hi = rho.ci
         if math.isfinite(lo) and (lo > 0 or hi < 0):
@@ -346,7 +360,9 @@ def claim_predicts(children: list[ChildChange], confidence: float) -> ClaimResul
         measured, verdict,
         "Across the evaluated children, Spearman's ρ between the paired accuracy gain over the incumbent and the "
         "change in log λ_max, and in the mean stage-end high-frequency score (both paired by seed); Fisher-z "
-        f"interval. Holds when either interval excludes 0; contradicted when both lie within ±{NOT_PREDICTIVE}. "
+        "intervals, each at the Bonferroni level for two tests ('per_test_confidence'). Holds when either interval "
+        f"excludes 0; contradicted when both lie within ±{NOT_PREDICTIVE}. Children that share an incumbent share "
+        "its runs, so they are not independent: the intervals are narrower than they should be. "
         "'early_filter' replays, on these children, training only those on the gain side of the diagnostic's "
         "median (in-sample, from final-epoch diagnostics: an upper bound on what an early look would save). "
         "'effect' is the stronger of the two correlations.",
@@ -384,6 +400,7 @@ def check_claims(runs: list[RunRecord], best: list[RunRecord], start: list[RunRe
 
 def study_claims(study_dir: str | Path, confidence: float | None = None) -> list[ClaimResult]:
     """The claims on a build-up study folder's finished runs (``confidence``: the study's, unless given)."""
+    from alternas.search.evaluator import epoch_diagnostics_dir
     from alternas.search.selection import load_results
     from alternas.search.study import StudyFolder
 
@@ -395,10 +412,17 @@ def study_claims(study_dir: str | Path, confidence: float | None = None) -> list
         trajectory = json.loads(path.read_text())
     except ValueError as err:
         raise ConfigError(f"{path} is damaged ({err}); run the build-up again to rewrite it") from None
+    config = StudyFolder(study_dir).load_config()
     if confidence is None:
-        confidence = StudyFolder(study_dir).load_config().buildup.confidence
+        confidence = config.buildup.confidence
+    warmup = config.recipe.warmup_epochs if "warmup" in config.diagnostics.at_epochs else 0
     results = load_results(study_dir)
-    records = {key: RunRecord(r.placement, r.seed, r.val_acc, _diagnostics(Path(r.run_dir)), key)
+
+    def at_warmup(run_dir: str) -> dict[str, Any]:
+        return _diagnostics(epoch_diagnostics_dir(run_dir, warmup)) if warmup else {}
+
+    records = {key: RunRecord(r.placement, r.seed, r.val_acc, _diagnostics(Path(r.run_dir)), key,
+                              at_warmup(r.run_dir))
                for key, r in results.items() if r.status == "completed"}
     steps = trajectory["steps"]
     runs_of = {s["placement"]: [records[k] for k in s.get("keys", []) if k in records] for s in steps}
@@ -438,7 +462,8 @@ def _children(steps: list[dict], runs_of: dict[str, list[RunRecord]]) -> list[Ch
 
 
 def _diagnostics(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "diagnostics" / "diagnostics.json"
+    """A run's final diagnostics (``RUN/diagnostics``), or of one epoch (``RUN/diagnostics/epoch-NNN``)."""
+    path = (run_dir if run_dir.name.startswith("epoch-") else run_dir / "diagnostics") / "diagnostics.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -4,9 +4,11 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from scipy import stats
 from torch import nn
 
 from alternas.claims import (
@@ -165,6 +167,37 @@ def test_diagnostics_that_rank_gains_are_found_and_ones_that_do_not_are_said_so(
     assert few.verdict == "inconclusive" and "too few" in few.measured["summary"]
     rho = spearman_interval([1, 2, 3, 4, 5, 6], [2, 1, 4, 3, 6, 5], 0.9)
     assert rho.mean == pytest.approx(0.8286, abs=1e-4) and rho.ci[0] < rho.mean < rho.ci[1] < 1
+
+
+def test_two_diagnostics_are_two_tests_and_their_intervals_say_so() -> None:
+    """A correlation whose 90 % interval just excludes 0 would hold if it were the only test; with two diagnostics
+    each is judged at 95 % (Bonferroni), and this one is inconclusive."""
+    gains = list(range(12))
+    rng = np.random.default_rng(0)
+    order = next(o for o in (rng.permutation(12) for _ in range(10_000))
+                 if 0.53 < stats.spearmanr(gains, o).statistic < 0.57)
+    assert spearman_interval(gains, list(order), 0.9).ci[0] > 0  # alone, at 90 %, it would hold
+    children = [ChildChange(f"c{i}", float(g), "reject", float(o), None) for i, (g, o) in enumerate(zip(gains, order))]
+    result = claim_predicts(children, 0.9)
+    assert result.measured["per_test_confidence"] == pytest.approx(0.95)
+    assert result.verdict == "inconclusive" and result.measured["lambda_max"]["rho"]["ci"][0] < 0
+
+
+def test_the_flatness_claim_uses_the_warmup_spectrum_where_every_run_has_one() -> None:
+    """Measured at the end of warmup (the paper's point) where the study has it, labelled either way; runs whose
+    λ_max is not positive cannot enter a log ratio and are counted, not dropped silently."""
+    def runs(placement: str, final: float, warm: float | None) -> list[RunRecord]:
+        return [RunRecord(placement, s, 50.0, {"lambda_max": final * (1 + 0.01 * s)},
+                          warmup={} if warm is None else {"lambda_max": warm * (1 + 0.02 * s)}) for s in SEEDS]
+
+    # flatter at the end of training, sharper at the end of warmup: the two readings disagree on purpose
+    at_warmup = claim_flatter(runs("CM", 1.0, 40.0), runs("CC", 10.0, 4.0), 0.9)
+    assert at_warmup.measured["measured_at"] == "end of warmup" and at_warmup.verdict == "contradicted"
+    final = claim_flatter(runs("CM", 1.0, None), runs("CC", 10.0, 4.0), 0.9)
+    assert final.measured["measured_at"] == "end of training" and final.verdict == "holds"
+    negative = runs("CC", 10.0, None)
+    negative[0] = RunRecord("CC", SEEDS[0], 50.0, {"lambda_max": -0.5})
+    assert claim_flatter(runs("CM", 1.0, None), negative, 0.9).measured["runs_without_positive_lambda_max"] == 1
 
 
 def test_seed_interval_is_a_student_t_over_seeds() -> None:
