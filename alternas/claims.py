@@ -12,7 +12,8 @@ The claims (PAPER.md §5-7), and one the paper never tested:
 * ``msa_reduce_variance``: MSAs lower feature-map variance, Convs raise it (§7);
 * ``msa_flatten_loss``: the best AlterNet's Hessian λ_max is below the all-Conv start's (§5.1);
 * ``alternet_noise_robust``: the best AlterNet loses less accuracy to high-frequency noise than the start (§6.2);
-* ``msa_matter_at_stage_end``: removing an MSA block (at a stage's end) costs more than removing a Conv (§7);
+* ``msa_matter_at_stage_end``: removing an MSA block at a stage's end costs more than removing the Conv that stood
+  there in the all-Conv start (same seed: position-matched, §7);
 * ``diagnostics_predict_gains``: across the evaluated children, do λ_max or the high-frequency score rank the
   accuracy gains?
 """
@@ -276,21 +277,46 @@ def claim_noise(best: list[RunRecord], start: list[RunRecord], confidence: float
         "positive", effect)
 
 
-def claim_lesion(runs: list[RunRecord], confidence: float) -> ClaimResult:
-    measured, effect = _msa_vs_conv(
-        runs, lambda r: [(row["kind"], row["delta_acc"]) for row in r.diagnostics.get("lesion") or []],
-        confidence, "pp")
-    measured["msa_removed"], measured["conv_removed"] = measured.pop("msa"), measured.pop("conv")
-    del measured["msa_blocks"], measured["conv_blocks"]
-    if not any(r.diagnostics.get("lesion") for r in runs):
+def _position_matched_lesions(run: RunRecord, start_by_seed: dict[int, RunRecord]) -> list[tuple[float, float]]:
+    """(Δacc without this run's MSA block, Δacc without the start's Conv block at the same place, same seed) for
+    every MSA of ``run`` whose place the start net of its seed was lesioned at."""
+    start = start_by_seed.get(run.seed)
+    if start is None:
+        return []
+    conv_at = {row["name"]: row["delta_acc"] for row in start.diagnostics.get("lesion") or [] if row["kind"] == "conv"}
+    return [(row["delta_acc"], conv_at[row["name"]]) for row in run.diagnostics.get("lesion") or []
+            if row["kind"] == "msa" and row["name"] in conv_at]
+
+
+def claim_lesion(runs: list[RunRecord], start: list[RunRecord], confidence: float) -> ClaimResult:
+    start_by_seed = {r.seed: r for r in start}
+    matched = {id(r): _position_matched_lesions(r, start_by_seed) for r in runs}
+    used = [r for r in runs if matched[id(r)]]
+
+    def per_seed(i: int | None) -> Estimate:
+        def value(r: RunRecord) -> float:
+            pairs = matched[id(r)]
+            return float(np.mean([m - c for m, c in pairs] if i is None else [p[i] for p in pairs]))
+        return seed_interval(_per_seed(used, value), confidence, "pp")
+
+    effect = per_seed(None)
+    measured: dict[str, Any] = {"effect": effect.to_dict(), "msa_removed": per_seed(0).to_dict(),
+                                "conv_removed_at_the_same_place": per_seed(1).to_dict(), "runs": len(used),
+                                "placements": len({r.placement for r in used}),
+                                "msa_blocks": sum(len(matched[id(r)]) for r in used)}
+    if not any(r.diagnostics.get("lesion") for r in runs + start):
         measured["missing"] = "no lesion diagnostics: set diagnostics.lesion: true (or diagnostics: paper)"
+    elif not used:
+        measured["missing"] = "no AlterNet run has a start-net run of its seed with lesions to match its MSAs to"
     return ClaimResult(
         "msa_matter_at_stage_end", "MSAs matter at the end of a stage",
         "removing an MSA at a stage's end costs more accuracy than removing a Conv there; Convs matter at a stage's "
         "start (PAPER.md §7; Swin)",
         measured, verdict_of(effect, "negative"),
-        "Per AlterNet run, the mean Δaccuracy when one MSA block's residual branch is skipped minus the mean when one "
-        "Conv block's is (subsampling blocks kept), averaged per seed; t-interval over seeds. Holds when below 0.",
+        "Position-matched: per AlterNet run, for each of its MSA blocks (at a stage's end), the Δaccuracy when that "
+        "block's residual branch is skipped minus the Δaccuracy when the Conv block at the same place in the "
+        "all-Conv start net of the same seed is skipped; averaged per seed; t-interval over seeds. Holds when below "
+        "0 (the MSA there matters more than the Conv it replaced).",
         "negative", effect)
 
 
@@ -395,7 +421,7 @@ def check_claims(runs: list[RunRecord], best: list[RunRecord], start: list[RunRe
     alternets = [r for r in runs if r.num_msa]
     return [claim_low_pass(runs, confidence), claim_variance(runs, confidence),
             claim_flatter(best, start, confidence), claim_noise(best, start, confidence),
-            claim_lesion(alternets, confidence), claim_predicts(children, confidence)]
+            claim_lesion(alternets, start, confidence), claim_predicts(children, confidence)]
 
 
 def study_claims(study_dir: str | Path, confidence: float | None = None) -> list[ClaimResult]:

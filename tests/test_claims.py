@@ -132,19 +132,35 @@ def test_noise_robustness_compares_the_high_bands_paired_by_seed() -> None:
     assert missing.verdict == "inconclusive" and "diagnostics.noise: true" in missing.measured["missing"]
 
 
-def _lesion(msa_drop: float, conv_drop: float) -> dict:
-    return {"lesion": [{"name": "stages.0.0", "kind": "conv", "delta_acc": conv_drop},
-                       {"name": "stages.0.1", "kind": "msa", "delta_acc": msa_drop},
-                       {"name": "stages.1.1", "kind": "conv", "delta_acc": conv_drop + 0.1}]}
+def _lesion(**drops: float) -> dict:
+    """Lesion rows of a ``CM,CC``-shaped net: block name -> Δacc; the kind follows the name (stages.0.1 is the MSA
+    in an AlterNet, a Conv in the start net)."""
+    return {"lesion": [{"name": name.replace("_", "."), "kind": kind, "delta_acc": drop}
+                       for (name, drop), kind in zip(drops.items(), ("conv", "msa", "conv"))]}
 
 
-def test_lesions_compare_msa_and_conv_removals() -> None:
-    runs = [RunRecord("CM,CC", s, 90.0, _lesion(-8.0 - s, -1.0)) for s in SEEDS]
-    result = claim_lesion(runs, 0.9)
+def _start_lesion(**drops: float) -> dict:
+    return {"lesion": [{"name": name.replace("_", "."), "kind": "conv", "delta_acc": d} for name, d in drops.items()]}
+
+
+def test_lesions_compare_an_msa_with_the_conv_at_the_same_place() -> None:
+    """The MSA at the end of stage 0 costs 8-11 pp when removed; the Conv that stood there in the start net costs
+    2 pp: holds. The Convs elsewhere (removing them costs 20 pp) do not enter: the comparison is by place, so a
+    net whose other Convs matter more is not mistaken for MSAs mattering less."""
+    alternets = [RunRecord("CM,CC", s, 90.0, _lesion(stages_0_0=-20.0, stages_0_1=-8.0 - s, stages_1_1=-20.0))
+                 for s in SEEDS]
+    start = [RunRecord("CC,CC", s, 90.0, _start_lesion(stages_0_0=-20.0, stages_0_1=-2.0, stages_1_1=-20.0))
+             for s in SEEDS]
+    result = claim_lesion(alternets, start, 0.9)
     assert result.verdict == "holds" and result.measured["msa_removed"]["mean"] == pytest.approx(-9.5)
-    assert claim_lesion([RunRecord("CM,CC", s, 90.0, _lesion(-0.5, -6.0 - s)) for s in SEEDS],
-                        0.9).verdict == "contradicted"
-    assert "diagnostics.lesion" in claim_lesion([RunRecord("CM", 0, 1.0, {})], 0.9).measured["missing"]
+    assert result.measured["conv_removed_at_the_same_place"]["mean"] == pytest.approx(-2.0)
+    assert result.measured["effect"]["mean"] == pytest.approx(-7.5) and result.measured["msa_blocks"] == len(SEEDS)
+    weak = [RunRecord("CM,CC", s, 90.0, _lesion(stages_0_0=-1.0, stages_0_1=-0.5, stages_1_1=-1.0)) for s in SEEDS]
+    strong_start = [RunRecord("CC,CC", s, 90.0, _start_lesion(stages_0_1=-6.0 - s)) for s in SEEDS]
+    assert claim_lesion(weak, strong_start, 0.9).verdict == "contradicted"
+    assert "diagnostics.lesion" in claim_lesion([RunRecord("CM", 0, 1.0, {})], [], 0.9).measured["missing"]
+    unmatched = claim_lesion(alternets, [], 0.9)  # no start run to match places with: nothing measured
+    assert unmatched.verdict == "inconclusive" and "start-net run" in unmatched.measured["missing"]
 
 
 def test_diagnostics_that_rank_gains_are_found_and_ones_that_do_not_are_said_so() -> None:
