@@ -326,7 +326,10 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
     runs = []
     for k in range(pools):
         seeds = tuple(range(k * size, (k + 1) * size))
-        pool_config = replace(config, seeds=seeds, output=str(root / f"pool-{k}"))
+        # each pool is its own search: its own study in a shared storage too (one policy, one seed pool per study)
+        pool_config = replace(config, seeds=seeds, output=str(root / f"pool-{k}"),
+                              optuna=replace(config.optuna, study_name=f"{config.optuna.study_name or config.name}"
+                                                                       f"-pool-{k}"))
         began = time.perf_counter()
         outcome = run_buildup(pool_config, quiet=True, log=lambda _: None)
         wall = time.perf_counter() - began

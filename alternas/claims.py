@@ -233,7 +233,8 @@ def claim_flatter(best: list[RunRecord], start: list[RunRecord], confidence: flo
         "best": _placement_of(best), "start": _placement_of(start),
         "eigenvalues_per_run": min((c.get("nep", 0) for c in counts), default=0),
         # a log ratio needs λ_max > 0: runs whose largest eigenvalue is not positive are left out, and counted
-        "runs_without_positive_lambda_max": sum(1 for r in runs if (diag(r).get("lambda_max") or 0) <= 0),
+        "runs_without_positive_lambda_max": sum(1 for r in runs if (diag(r).get("lambda_max") is not None
+                                                                    and diag(r)["lambda_max"] <= 0)),
     }
     return ClaimResult(
         "msa_flatten_loss", "MSAs suppress large Hessian eigenvalues",

@@ -128,7 +128,7 @@ def test_storage_urls(tmp_path, url: str) -> None:
 NUMBER_RANGES = {
     "--min-gain": (float, 0, 100, False, False), "--confidence": (float, 0.5, 1, True, True),
     "--screen-at": (float, 0, 1, True, True), "--budget-hours": (float, 0, 1e5, True, False),
-    "--min-seeds": (int, 1, 3, False, False), "--max-seeds": (int, 2, 3, False, False),  # min_seeds defaults to 2
+    "--min-seeds": (int, 1, 3, False, False), "--max-seeds": (int, 1, 3, False, False),
     "--patience": (int, 0, 1000, False, False), "--max-candidates": (int, 1, 100_000, False, False),
     "--epochs": (int, 1, 100_000, False, False), "--subset": (float, 0, math.inf, True, True),
 }

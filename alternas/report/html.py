@@ -122,6 +122,22 @@ def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
     return "<h2>Results</h2>" + frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0), frame
 
 
+def _paired_cells(theirs: list[Any], best: list[Any], seeds: list[int], confidence: float) -> str:
+    """Gain, interval and seeds of one row of the paired table, or why the row has none."""
+    from alternas.errors import AlternasError
+    from alternas.search.buildup import same_split
+    from alternas.search.decision import compare_paired
+
+    if not seeds:
+        return "<td colspan=3>no shared seed with the best trial</td>"
+    try:
+        same_split(zip(theirs, best))
+    except AlternasError as err:
+        return f"<td colspan=3>not comparable: {html.escape(str(err))}</td>"
+    c = compare_paired(np.stack([e.at() for e in theirs]), np.stack([e.at() for e in best]), 0.0, confidence)
+    return f"<td>{c.gain:+.2f}</td><td>[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]</td><td>{', '.join(map(str, seeds))}</td>"
+
+
 def placement_heatmap(placements: list[str], title: str) -> go.Figure:
     """How often each block is an MSA among ``placements`` (stages x blocks)."""
     parsed = [Placement.parse(p) for p in placements]
@@ -192,9 +208,7 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
 def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
     """The top trials' paired gains against the best trial (on the seeds both trained), and the build-up's choice
     against the same best when the folder has one: differences among the top trials are often inside the noise."""
-    from alternas.errors import AlternasError
-    from alternas.search.buildup import Evaluated, same_split
-    from alternas.search.decision import compare_paired
+    from alternas.search.buildup import Evaluated
     from alternas.search.selection import load_results
 
     results = load_results(study_dir)
@@ -214,18 +228,8 @@ def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
     body = []
     for label, placement, theirs in rows:
         seeds = sorted(set(theirs) & set(best))
-        try:
-            same_split((theirs[s], best[s]) for s in seeds)
-        except AlternasError as err:
-            seeds, cell = [], f"<td colspan=3>not comparable: {html.escape(str(err))}</td>"
-        else:
-            cell = "<td colspan=3>no shared seed with the best trial</td>"
-        if seeds:
-            c = compare_paired(np.stack([theirs[s].at() for s in seeds]), np.stack([best[s].at() for s in seeds]),
-                               0.0, confidence)
-            cell = (f"<td>{c.gain:+.2f}</td><td>[{c.ci[0]:+.2f}, {c.ci[1]:+.2f}]</td>"
-                    f"<td>{', '.join(map(str, seeds))}</td>")
-        body.append(f"<tr><td>{html.escape(label)}</td><td><code>{html.escape(placement)}</code></td>{cell}</tr>")
+        body.append(f"<tr><td>{html.escape(label)}</td><td><code>{html.escape(placement)}</code></td>"
+                    f"{_paired_cells([theirs[s] for s in seeds], [best[s] for s in seeds], seeds, confidence)}</tr>")
     if not body:
         return ""
     head = (f"<h3>Paired gain against the best trial #{ranked[0].number} "

@@ -185,11 +185,6 @@ def _run_evidence(result: CandidateResult) -> Evidence:
     return evidence
 
 
-def correctness(result: CandidateResult, epoch: int | None = None) -> np.ndarray:
-    """A finished (or paused) run's per-example validation correctness after ``epoch`` (default: its last)."""
-    return _run_evidence(result).at(epoch)[0]
-
-
 def evaluation_id(key: str, stop_after: int | None = None) -> str:
     """Names an evaluation: a candidate trained to the end, or paused at epoch ``stop_after``."""
     return f"{key}@{stop_after or 'end'}"
@@ -663,11 +658,11 @@ def run_buildup(
     """
     from alternas.search.evaluations import SharedEvaluations
 
-    board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)  # refuses a differing worker
     folder = StudyFolder(config.output_dir)
-    folder.save_config(config)
     evaluator = Evaluator(config, folder, quiet=quiet, retry_failed=retry_failed)
-    selection_split = evaluator.data.selects_on
+    selection_split = evaluator.data.selects_on  # missing data stops here, before the search's storage is touched
+    board = SharedEvaluations(config, storage, retry_failed=retry_failed, log=log)  # refuses a differing worker
+    folder.save_config(config)  # only once the settings are the search's own
     if selection_split == "test":
         log(SELECTS_ON_TEST)
     if config.seed_budget[1] == 1:

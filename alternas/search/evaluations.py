@@ -30,7 +30,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from alternas.errors import ConfigError
 from alternas.search.buildup import Evaluated, EvaluationRequest
-from alternas.search.evaluator import CandidateResult, candidate_key, warm_recipe
+from alternas.search.evaluator import CandidateResult, content_digest, training_settings, warm_recipe
 from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, worker_attrs
 from alternas.search.study import StudyConfig
 from alternas.search.table import start_placement
@@ -51,11 +51,11 @@ def decision_settings(config: StudyConfig) -> dict[str, Any]:
     ``budget_hours`` only say when to stop, so a resumed search may change them)."""
     b = config.buildup
     low, high = config.seed_budget
-    start = start_placement(config)
-    return {"seeds": list(config.seeds), "start": str(start), "min_gain": b.min_gain, "confidence": b.confidence,
-            "min_seeds": low, "max_seeds": high, "screen_at": b.screen_at, "patience": b.patience,
-            "warm_start": b.warm_start, "warm_start_epochs": b.warm_start_epochs,
-            "runs (base, window, data, recipe)": candidate_key(start, config, config.recipe, 0)}
+    training = {k: v if k == "window_size" else content_digest(v)
+                for k, v in training_settings(config, config.recipe).items()}
+    return {"seeds": list(config.seeds), "start": str(start_placement(config)), "min_gain": b.min_gain,
+            "confidence": b.confidence, "min_seeds": low, "max_seeds": high, "screen_at": b.screen_at,
+            "patience": b.patience, "warm_start": b.warm_start, "warm_start_epochs": b.warm_start_epochs, **training}
 
 
 def encode_correct(correct: np.ndarray) -> str:
@@ -90,9 +90,10 @@ class SharedEvaluations:
         name = self.study.study_name
         mine = decision_settings(config)
         stored = self.study.user_attrs.get("decision_settings")
-        if stored is None:
+        if stored is None or not self._trials():  # a search that evaluated nothing yet decided nothing: take these
+            # (two workers starting at the same moment with different settings are not caught)
             self.study.set_user_attr("decision_settings", mine)
-            stored = self.study.user_attrs.get("decision_settings") or mine  # a worker starting at once wins
+            stored = mine
         differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
         if differing:
             shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)

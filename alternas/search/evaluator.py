@@ -100,6 +100,9 @@ def _read_result(path: Path) -> CandidateResult | None:
         return None
 
 
+FINISHED_RUN_FILES = ("model.safetensors", "evidence.npz", "metrics.json")  # what a finished run leaves
+
+
 def read_results(candidates: Path) -> dict[str, CandidateResult]:
     """Every readable ``candidates/<key>/result.json`` by key: the one reader of result files. A damaged file is left
     out (its candidate counts as not evaluated, and the evaluator evaluates it again)."""
@@ -117,6 +120,13 @@ def epoch_diagnostics_dir(run_dir: str | Path, epoch: int) -> Path:
 def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, seed: int,
                   parent: str | None = None) -> str:
     """Content hash of everything that determines a candidate's training outcome."""
+    payload = {"placement": str(placement), **training_settings(config, recipe), "seed": seed, "parent": parent}
+    return content_digest(payload)
+
+
+def training_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
+    """What trains every candidate of a study alike (base, window, data as it trains, recipe): part of each cache
+    key, and what the build-up's workers must agree on."""
     data = config.data.to_dict()
     data.pop("root", None)  # where the files live does not change the result
     data.pop("label_breaking")  # only when it changes what trains (keeps the keys of studies from before it)
@@ -128,10 +138,8 @@ def candidate_key(placement: Placement, config: StudyConfig, recipe: Recipe, see
         data["eval_crop_pct"] = config.data.eval_crop_pct
         if config.data.streams():  # transforms on the original images: another experiment than pre-cropped ones
             data["streamed"] = True
-    payload = {"placement": str(placement), "base": base_architecture(config.base),
-               "window_size": config.window_size, "data": data, "recipe": recipe.to_dict(), "seed": seed,
-               "parent": parent}
-    return _digest(payload)
+    return {"base": base_architecture(config.base), "window_size": config.window_size, "data": data,
+            "recipe": recipe.to_dict()}
 
 
 def warm_recipe(config: StudyConfig) -> Recipe:
@@ -152,10 +160,10 @@ def diagnostics_fingerprint(config: StudyConfig) -> str:
     re-diagnosed from its saved weights (no retraining) instead of being reported as if comparable."""
     settings = config.diagnostics.to_dict()
     settings.pop("at_epochs")  # measured during training, not on the final weights
-    return _digest(settings)
+    return content_digest(settings)
 
 
-def _digest(payload: dict[str, Any]) -> str:
+def content_digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -370,10 +378,15 @@ class Evaluator:
         """Write back the ``result.json`` of runs the search's storage records as finished whose file is lost or
         damaged (a user's ``rm``, a disk that lost a file) while their run folder is still there: the record is the
         result, so nothing is trained again and export, claims and reports see the run. Returns how many."""
-        lost = [r for r in recorded if r.status in ("completed", "diverged")
-                and (self.folder.candidates / r.key).is_dir() and _read_result(self.result_path(r.key)) is None]
-        for result in lost:
-            atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1), durable=True)
+        def here(r: CandidateResult) -> bool:  # this folder holds the finished run, not just a checkpoint
+            run = self.folder.candidates / r.key
+            return r.status == "diverged" and run.is_dir() or all((run / f).is_file() for f in FINISHED_RUN_FILES)
+
+        lost = [r for r in recorded if r.status in ("completed", "diverged") and here(r)
+                and _read_result(self.result_path(r.key)) is None]
+        for result in lost:  # run_dir as on this machine: the record may come from another worker's folder
+            restored = replace(result, run_dir=str(self.folder.candidates / result.key))
+            atomic_write_text(self.result_path(result.key), json.dumps(asdict(restored), indent=1), durable=True)
         if lost:
             self.write_table()
         return len(lost)

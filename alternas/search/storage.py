@@ -144,8 +144,7 @@ class Heartbeat:
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Heartbeat:
-        if self.interval:
-            self.storage.record_heartbeat(self.trial_id)
+        if self.interval:  # the thread's first beat is at once, and an error there is retried like any other
             self._thread = threading.Thread(target=self._beat, daemon=True)
             self._thread.start()
         return self
@@ -153,7 +152,7 @@ class Heartbeat:
     def _beat(self) -> None:
         """Beat every ``interval``; a storage error (a dropped connection, a database restart) is retried sooner,
         with backoff, and said once: a dead heartbeat thread would let other workers fail a live trial."""
-        wait, failing = self.interval, False
+        wait, failing = 0.0, False
         while not self._stop.wait(wait):
             try:
                 self.storage.record_heartbeat(self.trial_id)
