@@ -13,6 +13,7 @@ import alternas  # noqa: F401
 from alternas.errors import ConfigError
 from alternas.placement import Placement
 from alternas.search import BuildupPolicy, Evaluator, load_study, run_buildup, study_from_dict
+from alternas.search.evaluator import candidate_key
 from tests.browser import assert_report_renders
 from tests.helpers import kill_mid_candidate, run_cli, small_study
 
@@ -102,7 +103,13 @@ def test_study_file_errors_name_the_key(tmp_path, change: dict, fragment: str) -
 def test_shipped_study_files_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "studies"
     quick = load_study(root / "quickstart.yaml")
-    assert quick.base == "tiny" and quick.data.name == "shapes"
+    assert quick.base == "tiny" and quick.data.name == "cued-shapes"
+    # the quickstart trains exactly what its table holds, so each of its answers can be replayed against the truth
+    table = load_study(root / "tables" / "cued-shapes" / "study.yaml")
+    for seed in (0, 2):
+        assert candidate_key(Placement.parse("CC,CC,CC,CM"), quick, quick.recipe, seed) == \
+            candidate_key(Placement.parse("CC,CC,CC,CM"), table, table.recipe, seed)
+    assert quick.buildup.min_gain == table.buildup.min_gain and quick.seed_budget == table.seed_budget
     paper = load_study(root / "cifar100-resnet50.yaml")
     assert paper.recipe.name == "paper" and paper.buildup.patience == 1 and paper.base == "resnet50"
 
@@ -179,9 +186,12 @@ def test_racing_reuses_the_incumbents_runs_and_records_each_decisions_evidence(t
         assert low <= step["gain"] <= high and 0 <= step["p_gain"] <= 1
         if step["decided_by"] == "seed budget":
             assert step["seeds_used"] == [0, 1, 2] and step["decision"] == "reject"
-        if step["decided_by"] == "screen":  # stopped at epoch 1 of 2: its run is paused, not final
-            assert not any(Path(config.output_dir, "candidates", k, "result.json").exists() for k in step["keys"])
-    assert any(s["decided_by"] == "seed budget" for s in steps[1:])
+        # a child stopped at the screen (epoch 1 of 2) has paused runs, never a final result; every other has results
+        finals = [Path(config.output_dir, "candidates", k, "result.json").exists() for k in step["keys"]]
+        assert finals == [step["decided_by"] != "screen"] * len(finals), step
+    # whether a child is screened here depends on training noise; which child the screen stops is pinned by
+    # tests/test_buildup_decisions.py on hand-made evidence
+    assert any(s["decided_by"] == "seed budget" and s["decision"] == "reject" for s in steps[1:])
     assert any("P(gain > 0) = " in line and "adding seed 1" in line for line in lines)
     assert any("screen at epoch 1:" in line for line in lines)
     assert outcome.candidates_evaluated == 3
