@@ -187,8 +187,9 @@ def test_placement_edge_cases(text: str) -> None:
     ("recipe", "lr", math.inf), ("recipe", "lr", "inf"), ("recipe", "lr", math.nan), ("recipe", "epochs", 1e9),
     ("buildup", "min_gain", math.inf), ("buildup", "budget_hours", math.inf), ("buildup", "min_gain", 1e3),
     ("data", "subset", math.inf), ("diagnostics", "noise_images", 1e12), ("optuna", "trials", 10**9),
+    ("data", "image_size", 10**9), ("", "window_size", 10**6), ("", "seeds", [10**20]),
 ])
 def test_every_number_of_a_study_has_a_finite_range(tmp_path, section: str, key: str, value) -> None:
     """inf, nan and absurd sizes in a study file are one-line errors naming the key, never a run or a traceback."""
     with pytest.raises(AlternasError, match=key):
-        study_from_dict(small_study(tmp_path, **{section: {key: value}}))
+        study_from_dict(small_study(tmp_path, **({section: {key: value}} if section else {key: value})))

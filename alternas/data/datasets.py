@@ -244,8 +244,8 @@ class DataConfig:
             raise DataError(f"subset must be a fraction in (0, 1] or a whole number of images, got {subset}")
         if not 0 <= self.val_fraction < 1:
             raise DataError(f"val_fraction must be in [0, 1) (0: select on the test split), got {self.val_fraction}")
-        if self.image_size is not None and self.image_size < 8:
-            raise DataError(f"image_size must be >= 8 pixels, got {self.image_size}")
+        if self.image_size is not None and not 8 <= self.image_size <= 4096:
+            raise DataError(f"image_size must be in [8, 4096] pixels, got {self.image_size}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
             raise DataError(f"data.crop_pct must be in (0, 1] (0.875: resize 256, crop 224), got {self.crop_pct}")
         if self.stream not in ("auto", "always", "never"):

@@ -174,6 +174,8 @@ class SharedEvaluations:
         else:
             return None
         mark_worker(trial._trial_id, storage)
+        if getattr(storage, "get_heartbeat_interval", lambda: None)():  # a worker killed before its heartbeat
+            storage.record_heartbeat(trial._trial_id)  # thread starts must still go stale, not stay RUNNING
         if any(self._taken(t) for t in self._trials(request.id) if t._trial_id != trial._trial_id):
             self.release(trial._trial_id, "twin")  # another worker claimed a twin first
             return None

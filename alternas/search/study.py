@@ -93,8 +93,9 @@ class StudyConfig:
             raise ConfigError("seeds: give at least one seed")
         if self.buildup.start is not None:
             Placement.parse(self.buildup.start)
-        if self.window_size is not None and self.window_size < 1:
-            raise ConfigError(f"window_size must be >= 1 (or null for the base's default), got {self.window_size}")
+        if self.window_size is not None and not 1 <= self.window_size <= 1024:
+            raise ConfigError(f"window_size must be in [1, 1024] (or null for the base's default), got "
+                              f"{self.window_size}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -179,8 +180,8 @@ def study_from_dict(raw: dict[str, Any], source: str = "study") -> StudyConfig:
                     raise ConfigError("give a preset name or a mapping with 'name' and overrides")
             elif key == "seeds":
                 seeds = value if isinstance(value, list) else [value]
-                if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds):
-                    raise ConfigError(f"seeds must be whole numbers >= 0, got {value!r}")
+                if not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in seeds):
+                    raise ConfigError(f"seeds must be whole numbers in [0, 2**31), got {value!r}")
                 if len(set(seeds)) != len(seeds):
                     raise ConfigError(f"seeds must not repeat, got {value!r}")
                 kwargs[key] = tuple(seeds)
