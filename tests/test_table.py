@@ -3,6 +3,7 @@ computed by `alternas table` (resume, cache reuse)."""
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -164,3 +165,33 @@ def test_table_command_trains_each_run_once_resumes_and_reuses_the_cache(tmp_pat
 
 def _results(study: Path) -> list[CandidateResult]:
     return [CandidateResult.from_dict(json.loads(p.read_text())) for p in study.glob("candidates/*/result.json")]
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "studies"
+
+
+def test_the_probe_table_holds_a_helping_msa_and_the_quickstart_can_accept_it() -> None:
+    """The shipped cued-shapes table (every placement x 8 seeds) says some MSA truly helps by more than the
+    quickstart's min_gain and some does not; the quickstart's own build-up (same data, recipe and decision settings),
+    replayed on 3-seed pools of the table, accepts a helping MSA in some pools and never accepts a child the
+    held-out seeds call no better. The old quickstart's probe could not do this: no child could gain min_gain."""
+    from alternas.search import load_study
+    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
+
+    table = Table.load(SHIPPED / "tables" / "cued-shapes")
+    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
+    quick = load_study(SHIPPED / "quickstart.yaml")
+    min_gain = quick.buildup.min_gain
+    every_seed = Truth(table, [])
+    assert every_seed.gain_is(HELPS, START, min_gain) == "above"  # c4: its 90 % interval lies above min_gain
+    gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
+    assert min(gains.values()) < min_gain, gains  # ... and some MSAs bring less (c3, c2: about 0)
+    lookup = table_lookup(table, quick)
+    finals, false_accepts = [], 0
+    for pool in seed_pools(table.seeds, 3, 40):
+        outcome = replay_buildup_on(table, replace(quick, seeds=tuple(pool)), Truth(table, pool), lookup)
+        finals.append(outcome.final)
+        false_accepts += outcome.accepts_null
+    accepted = sum(final != START for final in finals) / len(finals)
+    assert accepted >= 0.2, finals  # it can say yes where the truth says yes ...
+    assert false_accepts == 0  # ... and says it only there
