@@ -334,7 +334,10 @@ def test_damaged_files_are_redone_never_reported(tmp_path) -> None:
     run_dir = Path(first.run_dir)
     (run_dir / "result.json").write_text('{"key": "')  # torn write
     (run_dir / "model.safetensors").write_bytes(b"\x00" * 10)
-    assert load_results(tmp_path / "study") == {}  # export, claims, report, bench: a damaged result is not a result
+    said: list[str] = []
+    assert load_results(tmp_path / "study", said.append) == {}  # export, claims, report, bench: not a result ...
+    assert len(said) == 1 and "1 damaged result file(s) left out" in said[0]  # ... and they say so
+    assert f"candidates/{run_dir.name}/result.json" in said[0]
     again = Evaluator(config, quiet=True).evaluate("CC,CC,CC,CC", 0)  # finishes again from the last checkpoint
     assert again.status == "completed" and again.val_acc == first.val_acc and again.test_acc == first.test_acc
     assert load_file(run_dir / "model.safetensors")  # whole again

@@ -89,6 +89,30 @@ def test_the_build_up_replayed_on_a_table_with_a_helping_msa_finds_it_and_an_alw
     assert never["false_accept"]["mean"] == 0.0  # ... and it agrees with itself: stable, and wrong
 
 
+def test_each_comparison_borrows_the_seed_variance_of_the_study_s_earlier_ones() -> None:
+    """The first comparison has nothing to borrow; every later look says how many df it borrowed (the earlier
+    comparisons' seeds minus one each); switched off, none does."""
+    from alternas.search.buildup import replay_buildup
+    from alternas.search.replay import table_lookup
+
+    table = hand_made_table({HELPS: 3.0}, seed_sd=1.0)
+    for pooled in (True, False):
+        config = study_from_dict(_study(pool_seed_variance=pooled))
+        lines: list[str] = []
+        replay = replay_buildup(config, table_lookup(table, config), say=lambda key, line: lines.append(line))
+        steps = replay.policy.steps
+        assert replay.stopped_by == "finished" and len(steps) >= 4
+        looks = [line for line in lines if "P(gain >" in line]
+        first = [line for line in looks if "pooled" not in line]
+        if not pooled:
+            assert first == looks
+            continue
+        assert looks[: len(first)] == first and len(first) < len(looks)  # only the first comparison decides alone
+        used = [len(s.seeds_used) - 1 for s in steps[1:]]
+        for earlier in range(1, len(used)):  # the (earlier + 1)-th comparison borrowed the df of those before it
+            assert any(f"pooled with {sum(used[:earlier])} df" in line for line in looks), (used, looks)
+
+
 def test_an_incomplete_table_is_refused_and_pools_are_distinct() -> None:
     from alternas.search.replay import seed_pools
 

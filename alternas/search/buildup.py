@@ -30,7 +30,7 @@ from alternas.errors import AlternasError
 from alternas.fileio import DAMAGED_RECORD_ERRORS
 from alternas.models.bases import get_base
 from alternas.placement import Placement
-from alternas.search.decision import Comparison, compare_paired, sequential_compare
+from alternas.search.decision import Comparison, SeedVariance, compare_paired, sequential_compare
 from alternas.search.evaluator import (
     SELECTS_ON_TEST,
     CandidateResult,
@@ -332,6 +332,12 @@ class _Racer:
         self.fetched: dict[str, Evaluated] = {}  # every evaluation this replay read, by id
         self.step = 0
         self.screen_at = screen_epoch(config)
+        self.measured: list[SeedVariance | None] = []  # the seed variances this study's decided comparisons measured
+
+    @property
+    def borrow(self) -> SeedVariance | None:
+        """The seed variance a comparison borrows from the study's earlier ones (``pool_seed_variance``)."""
+        return SeedVariance.pooled(self.measured) if self.b.pool_seed_variance else None
 
     @property
     def spent(self) -> float:
@@ -459,7 +465,7 @@ class _Racer:
         p = 0.5
         if known:
             p = compare_paired(np.stack([c.at() for c, _ in known]), np.stack([q.at() for _, q in known]),
-                               self.b.min_gain, self.b.confidence).p_gain
+                               self.b.min_gain, self.b.confidence, borrow=self.borrow).p_gain
         more = 0.0 if k >= min(self.max_seeds, len(self.config.seeds)) else (1 - abs(2 * p - 1)) / 2
         options = (("accept", (1 - more) * p), ("reject", (1 - more) * (1 - p)), ("more", more))
         return [(name, weight) for name, weight in options if weight > 0]
@@ -494,7 +500,8 @@ class _Racer:
         try:
             self._screen(child, incumbent)
             outcome = sequential_compare(evidence, min_seeds=self.min_seeds, max_seeds=self.max_seeds,
-                                         min_gain=self.b.min_gain, confidence=self.b.confidence, on_look=report)
+                                         min_gain=self.b.min_gain, confidence=self.b.confidence, on_look=report,
+                                         borrow=self.borrow)
         except _ChildFailed as failed:  # a child run (or every run of the incumbent) failed: no gain
             return Verdict(False, "failure"), failed.runs + ([failed.result] if failed.result.placement == child
                                                               else [])
@@ -503,6 +510,7 @@ class _Racer:
         except _Assumed as assumed:
             return Verdict(assumed.accepted, "assumed"), []
         used = self._draw(child, incumbent, outcome.seeds_used)
+        self.measured.append(outcome.final.seed_variance)
         return (Verdict.from_comparison(outcome.final, outcome.decision == "accept", outcome.decided_by),
                 [c.result for c, _ in used])
 

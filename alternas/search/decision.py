@@ -14,6 +14,16 @@ the interval is a Student t. With two or three seeds the seed term has one or tw
 interval is wide: that is the honest answer, and what sequential seeds are for. With one seed the seed term
 cannot be estimated and only example-level noise is counted (a paired, McNemar-like interval).
 
+**Seed noise borrowed from the study (empirical Bayes).** Two or three seeds give the seed term one or two degrees
+of freedom, and a t with one degree of freedom needs a gain six standard errors above ``min_gain`` to accept at
+0.95: most true gains are rejected by the seed budget. The comparisons of one study share its data, recipe and
+base, and on the shipped tables their seed-to-seed gain variances agree about as well as their sampling noise
+allows (``studies/tables``: one variance spread over pairs of placements). So, as limma's moderated t does for
+genes, a comparison may borrow the seed variance its study's earlier comparisons measured (``SeedVariance``): the
+seed mean square becomes the df-weighted average of its own and the pooled one, and the seed term's degrees of
+freedom the sum. One seed then counts seed noise too (at the pooled variance). Pooling assumes the comparisons
+share one seed variance; the build-up replays on the tables measure whether that keeps false accepts in bounds.
+
 ``p_gain`` is the t-distribution's probability that the true gain exceeds ``min_gain`` (the confidence
 distribution of the gain). ``accept`` when ``p_gain >= confidence``, ``reject`` when ``p_gain <= 1 - confidence``,
 else ``undecided``. A sequential comparison looks several times at growing evidence; to keep its false-accept
@@ -30,7 +40,7 @@ holds it strictly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,28 +64,58 @@ class Comparison:
     n_seeds: int
     n_examples: int
     seed_gains: tuple[float, ...]  # the gain seed by seed, pp
+    borrowed: SeedVariance | None = None  # the study's pooled seed variance this comparison's seed term borrowed
 
     def describe(self) -> str:
         """One line for the terminal: gain, the decision's interval, probability against the thresholds, decision."""
+        borrowed = (f"  seed noise pooled with {self.borrowed.df:g} df of earlier comparisons"
+                    if self.borrowed is not None else "")
         return (f"gain {self.gain:+.2f} pp [{self.bounds[0]:+.2f}, {self.bounds[1]:+.2f}]  "
                 f"P(gain > {self.min_gain:g}) = {self.p_gain:.2f} (accept >= {self.accept_at:.3g}, reject <= "
-                f"{1 - self.confidence:.2g})  {self.decision}")
+                f"{1 - self.confidence:.2g}){borrowed}  {self.decision}")
+
+    @property
+    def seed_variance(self) -> SeedVariance | None:
+        """What this comparison measured of the seed-to-seed variance of its gain (``None`` on one seed)."""
+        if self.n_seeds < 2:
+            return None
+        return SeedVariance(float(np.var(self.seed_gains, ddof=1)), float(self.n_seeds - 1))
 
 
-def gain_variance(diff: np.ndarray) -> tuple[float, float]:
+@dataclass(frozen=True)
+class SeedVariance:
+    """A seed-to-seed variance of the per-seed gain (pp^2) and its degrees of freedom."""
+
+    variance: float
+    df: float
+
+    @classmethod
+    def pooled(cls, measured: Iterable[SeedVariance | None]) -> SeedVariance | None:
+        """The df-weighted pool of several comparisons' seed variances, or ``None`` when none measured one."""
+        known = [m for m in measured if m is not None and m.df > 0]
+        df = sum(m.df for m in known)
+        return cls(sum(m.variance * m.df for m in known) / df, df) if df else None
+
+
+def gain_variance(diff: np.ndarray, borrow: SeedVariance | None = None) -> tuple[float, float]:
     """(variance of the mean, Satterthwaite degrees of freedom) of a (seeds, examples) array of paired differences
-    under the crossed seed x example random-effects model."""
+    under the crossed seed x example random-effects model, its seed term moderated by ``borrow`` if given."""
     s, n = diff.shape
     example_means = diff.mean(axis=0)
     ms_examples = s * example_means.var(ddof=1) if n > 1 else 0.0
-    if s == 1:
+    if s == 1 and borrow is None:
         return ms_examples / n, float(max(n - 1, 1))
     seed_means = diff.mean(axis=1)
-    ms_seeds = n * seed_means.var(ddof=1)
+    ms_seeds = n * seed_means.var(ddof=1) if s > 1 else 0.0
+    df_seeds = float(s - 1)
+    if borrow is not None:  # the seed mean square is n x the per-seed gain variance: average the two, df-weighted
+        ms_seeds = (df_seeds * ms_seeds + borrow.df * n * borrow.variance) / (df_seeds + borrow.df)
+        df_seeds += borrow.df
     resid = diff - seed_means[:, None] - example_means[None, :] + diff.mean()
     df_resid = (s - 1) * (n - 1)
+    # with one seed the residual cannot be told from the example term: counting it in both is conservative
     ms_resid = float((resid**2).sum() / df_resid) if df_resid else 0.0
-    df_seeds, df_examples = s - 1, max(n - 1, 1)
+    df_examples = max(n - 1, 1)
     # the seed component is floored at zero, but its uncertainty always counts: two seeds that happen to agree
     # say little about the next one (dropping that term made single looks at two seeds over-confident)
     total = max(ms_seeds - ms_resid, 0.0) + ms_examples
@@ -91,9 +131,11 @@ def compare_paired(
     confidence: float = 0.9,
     *,
     looks: int = 1,
+    borrow: SeedVariance | None = None,
 ) -> Comparison:
     """Compare ``child`` with ``parent``: (n_seeds, n_examples) arrays of 0/1 correctness, paired by row (seed)
-    and column (validation example). See the module docstring for the noise model."""
+    and column (validation example), the seed term moderated by the study's pooled ``borrow`` if given. See the
+    module docstring for the noise model."""
     if not 0.5 < confidence < 1:
         raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
     child = np.atleast_2d(np.asarray(child, dtype=np.float64))
@@ -104,7 +146,7 @@ def compare_paired(
     diff = (child - parent) * 100.0
     n_seeds, n_examples = diff.shape
     gain = float(diff.mean())
-    variance, df = gain_variance(diff)
+    variance, df = gain_variance(diff, borrow)
     se = math.sqrt(max(variance, 0.0))
     accept_at = 1 - (1 - confidence) / max(looks, 1)
     if se > 0:
@@ -117,7 +159,7 @@ def compare_paired(
         bounds = (gain, gain)
     decision = "accept" if p_gain >= accept_at else "reject" if p_gain <= 1 - confidence else "undecided"
     return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, bounds,
-                      se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)))
+                      se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)), borrow)
 
 
 @dataclass
@@ -142,6 +184,7 @@ def sequential_compare(
     min_gain: float = 0.0,
     confidence: float = 0.9,
     on_look: Callable[[Comparison, int, bool], None] | None = None,
+    borrow: SeedVariance | None = None,
 ) -> SequentialOutcome:
     """Racing over seeds: look with ``min_seeds``, and while undecided and seeds remain, add one and look again.
 
@@ -149,7 +192,7 @@ def sequential_compare(
     missing); fewer rows mean the seed pool ran out, and ``None`` skips the look at ``k`` (a what-if replay of the
     build-up assumes that look undecided). Undecided at ``max_seeds`` (or at the end of the pool) is a reject
     decided by the seed budget (the rule: "if it does not improve"). ``on_look(comparison, seeds, will_add_seed)``
-    lets the caller report each look.
+    lets the caller report each look; ``borrow`` is the study's pooled seed variance (see the module docstring).
     """
     if not 1 <= min_seeds <= max_seeds:
         raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
@@ -160,7 +203,7 @@ def sequential_compare(
         if arrays is None:  # no look at k seeds (a what-if replay assumed it undecided)
             continue
         child, parent = arrays
-        look = compare_paired(child, parent, min_gain, confidence, looks=planned)
+        look = compare_paired(child, parent, min_gain, confidence, looks=planned, borrow=borrow)
         looks.append(look)
         more = look.decision == "undecided" and k < max_seeds and len(child) == k
         if on_look is not None:

@@ -55,7 +55,8 @@ def decision_settings(config: StudyConfig) -> dict[str, Any]:
                 for k, v in training_settings(config, config.recipe).items()}
     return {"seeds": list(config.seeds), "start": str(start_placement(config)), "min_gain": b.min_gain,
             "confidence": b.confidence, "min_seeds": low, "max_seeds": high, "screen_at": b.screen_at,
-            "patience": b.patience, "warm_start": b.warm_start, "warm_start_epochs": b.warm_start_epochs, **training}
+            "pool_seed_variance": b.pool_seed_variance, "patience": b.patience, "warm_start": b.warm_start,
+            "warm_start_epochs": b.warm_start_epochs, **training}
 
 
 def encode_correct(correct: np.ndarray) -> str:

@@ -103,13 +103,19 @@ def _read_result(path: Path) -> CandidateResult | None:
 FINISHED_RUN_FILES = ("model.safetensors", "evidence.npz", "metrics.json")  # what a finished run leaves
 
 
-def read_results(candidates: Path) -> dict[str, CandidateResult]:
+def read_results(candidates: Path, damaged: list[Path] | None = None) -> dict[str, CandidateResult]:
     """Every readable ``candidates/<key>/result.json`` by key: the one reader of result files. A damaged file is left
-    out (its candidate counts as not evaluated, and the evaluator evaluates it again)."""
+    out (its candidate counts as not evaluated, and the evaluator evaluates it again) and added to ``damaged``."""
     if not candidates.is_dir():
         return {}
-    results = ((path.parent.name, _read_result(path)) for path in sorted(candidates.glob("*/result.json")))
-    return {key: result for key, result in results if result is not None}
+    results = {}
+    for path in sorted(candidates.glob("*/result.json")):
+        result = _read_result(path)
+        if result is not None:
+            results[path.parent.name] = result
+        elif damaged is not None:
+            damaged.append(path)
+    return results
 
 
 def epoch_diagnostics_dir(run_dir: str | Path, epoch: int) -> Path:

@@ -19,7 +19,7 @@ from typing import get_args
 import optuna
 from optuna.trial import TrialState
 
-from alternas.data.datasets import DataConfig, DataSplits, load_data
+from alternas.data.datasets import DataSplits, load_data
 from alternas.errors import ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
@@ -146,12 +146,7 @@ class _Objective:
         self.config, self.space, self.names, self.multi, self.log = config, space, names, multi, log
         self.quiet, self.retry_failed = quiet, retry_failed
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
-        self._data = data
-
-    def _shared_data(self, config: DataConfig) -> DataSplits:
-        """Every trial trains on the study's one dataset (trials vary the base and window, never the data): loaded
-        once before the first trial, not decoded again per trial."""
-        return self._data
+        self.data = data  # trials vary the base and window, never the data: decoded once, before the first trial
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
         for key, value in worker_attrs().items():
@@ -164,7 +159,7 @@ class _Objective:
             raise optuna.TrialPruned(f"invalid placement: {err}") from None
         cfg = replace(self.config, base=base, window_size=window or self.config.window_size)
         evaluator = Evaluator(cfg, StudyFolder(self.config.output_dir), quiet=self.quiet,
-                              retry_failed=self.retry_failed, load=self._shared_data)
+                              retry_failed=self.retry_failed, load=lambda _: self.data)
         trial.set_user_attr("placement", str(placement))
         trial.set_user_attr("base", base)
         self.log(f"[trial {trial.number}] {placement} ({placement.describe()}) on {base}")

@@ -38,13 +38,14 @@ from alternas.errors import ConfigError
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.search.buildup import Evaluated, replay_buildup, screen_epoch
-from alternas.search.decision import sequential_compare
+from alternas.search.decision import SeedVariance, SequentialOutcome, sequential_compare
 from alternas.search.evaluator import CandidateResult, candidate_key
 from alternas.search.spaces import InvalidCandidate, SearchSpace, StageSpace, space_from_dict
 from alternas.search.study import StudyConfig
 from alternas.search.table import Table, start_placement
 
 STRATEGIES = ("buildup", "tpe", "random", "qmc", "decision-rule")
+BORROWED_COMPARISONS = 3  # the decision rule alone: pooled seed variances of this many other comparisons
 FIELDS = ("p_best", "regret_pp", "false_accept", "false_reject", "candidate_epochs")
 
 
@@ -205,24 +206,36 @@ def replay_sampler(table: Table, config: StudyConfig, truth: Truth, sampler: str
     return truth.score(Outcome(final, candidate_epochs=spent))
 
 
-def replay_pairs(table: Table, config: StudyConfig, truth: Truth) -> Outcome:
+def replay_pairs(table: Table, config: StudyConfig, truth: Truth, seed: int = 0) -> Outcome:
     """Every ordered pair of placements decided by the sequential paired comparison on the pool, graded by the
-    held-out seeds (a diverged run in either is left out: the comparison is about noise, not failures)."""
+    held-out seeds (a diverged run in either is left out: the comparison is about noise, not failures). With
+    ``pool_seed_variance`` each pair borrows the seed variances that ``BORROWED_COMPARISONS`` other pairs of the
+    pool, disjoint from it and drawn at random, measured: what a study's comparison after that many others has."""
     b = config.buildup
     low, high = config.seed_budget
     pool = list(config.seeds)
     outcome = Outcome(None)
     usable = {p: np.stack([table.correct_at(p, s) for s in pool]) for p in table.placements
               if all((p, s) in table.correct for s in pool)}
+
+    def decide(child: str, parent: str, borrow: SeedVariance | None = None) -> SequentialOutcome:
+        c, q = usable[child], usable[parent]
+        return sequential_compare(lambda k: (c[:k], q[:k]), min_seeds=low, max_seeds=high, min_gain=b.min_gain,
+                                  confidence=b.confidence, borrow=borrow)
+
+    pairs = [(child, parent) for child in usable for parent in usable if child != parent]
+    measured = {pair: decide(*pair).final.seed_variance for pair in pairs} if b.pool_seed_variance else {}
+    rng = np.random.default_rng(seed)
     seeds_used = []
-    for child, c in usable.items():
-        for parent, q in usable.items():
-            if child == parent:
-                continue
-            result = sequential_compare(lambda k, c=c, q=q: (c[:k], q[:k]), min_seeds=low, max_seeds=high,
-                                        min_gain=b.min_gain, confidence=b.confidence)
-            seeds_used.append(result.seeds_used)
-            truth.grade(outcome, child, parent, b.min_gain, result.decision == "accept")
+    for child, parent in pairs:
+        borrow = None
+        if b.pool_seed_variance:
+            others = [pair for pair in pairs if not {child, parent} & set(pair)]
+            picks = rng.choice(len(others), min(BORROWED_COMPARISONS, len(others)), replace=False)
+            borrow = SeedVariance.pooled(measured[others[i]] for i in picks)
+        result = decide(child, parent, borrow)
+        seeds_used.append(result.seeds_used)
+        truth.grade(outcome, child, parent, b.min_gain, result.decision == "accept")
     outcome.candidate_epochs = 2 * float(np.mean(seeds_used)) * table.total_epochs if seeds_used else 0.0
     return outcome
 
@@ -263,7 +276,7 @@ def replay_search(table: Table, config: StudyConfig, strategies: tuple[str, ...]
             if name in ("tpe", "random", "qmc"):
                 per[name].append(replay_sampler(table, pool_config, truth, name, buildup.candidate_epochs, seed + i))
             elif name == "decision-rule":
-                per[name].append(replay_pairs(table, pool_config, truth))
+                per[name].append(replay_pairs(table, pool_config, truth, seed + i))
         if (i + 1) % max(1, len(drawn) // 10) == 0:
             log(f"  {i + 1}/{len(drawn)} pools replayed")
     return [summarise(name, outcomes) for name, outcomes in per.items()]

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from alternas.errors import ConfigError
 from alternas.search.evaluator import CandidateResult, read_results
 
 
-def load_results(study_dir: str | Path) -> dict[str, CandidateResult]:
-    """Every readable candidate result of a study folder, by key (a damaged ``result.json`` is left out)."""
-    return read_results(Path(study_dir) / "candidates")
+def load_results(study_dir: str | Path, say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
+                 ) -> dict[str, CandidateResult]:
+    """Every readable candidate result of a study folder, by key. A damaged ``result.json`` is left out, and
+    ``say`` tells how many were, so a report or claim never rests on fewer runs silently."""
+    damaged: list[Path] = []
+    results = read_results(Path(study_dir) / "candidates", damaged)
+    if damaged:
+        shown = ", ".join(str(p.relative_to(study_dir)) for p in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
+        say(f"{study_dir}: {len(damaged)} damaged result file(s) left out ({shown}); run the study's search command "
+            "again to restore them from its storage, or to evaluate them again")
+    return results
 
 
 def best_buildup_run(study_dir: str | Path) -> CandidateResult:

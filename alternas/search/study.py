@@ -36,6 +36,7 @@ class BuildupConfig:
     min_seeds: int | None = None  # seeds a comparison starts with; default min(2, len(seeds))
     max_seeds: int | None = None  # seeds it may grow to while undecided; default min(5, len(seeds))
     screen_at: float | None = None  # look at this fraction of the epochs first; stop confidently worse children
+    pool_seed_variance: bool = True  # a comparison borrows the seed variance its study's earlier comparisons measured
     patience: int = 0  # after a reject, keep adding MSAs in the same stage on the rejected net this many times
     max_candidates: int = 50  # placements evaluated, the start included
     budget_hours: float | None = None  # stop once candidates have used this much wall time
