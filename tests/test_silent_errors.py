@@ -427,6 +427,36 @@ def test_an_optuna_trial_with_a_diverged_seed_is_not_scored_on_the_others(tmp_pa
     assert any("1 of 2 seeds did not complete" in line for line in lines), lines
 
 
+def test_an_optuna_trial_whose_seed_crashed_fails_and_its_placement_is_tried_again(tmp_path, monkeypatch) -> None:
+    """A crash (out of memory) is not the placement's outcome: the trial fails without a score (neither pruned nor
+    ranked), the same placement is queued again (behind the placements queued before it), and the retry trains it
+    and completes; the run still delivers the trials it owes."""
+    from alternas.search import evaluator as evaluator_module
+    from alternas.search.optuna_search import run_optuna
+
+    config = study_from_dict(_study(tmp_path, seeds=[0], diagnostics={"hessian": False, "fourier": False},
+                                    optuna={"trials": 2, "pruner": "none"}))
+    real_fit, crashes = evaluator_module.fit, []
+
+    def flaky_fit(model, *args, **kwargs):
+        if not crashes:
+            crashes.append(str(model.placement))
+            raise RuntimeError("CUDA error: out of memory")
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "fit", flaky_fit)
+    lines: list[str] = []
+    study = run_optuna(config, quiet=True, log=lines.append)
+    first = study.trials[0]
+    assert first.state == optuna.trial.TrialState.FAIL and first.user_attrs["statuses"] == ["failed"]
+    assert any("seed 0 crashed (RuntimeError: CUDA error: out of memory)" in line for line in lines), lines
+    retry = next(t for t in study.trials if t.user_attrs.get("retry_of") == first.number)
+    assert retry.params == first.params and retry.user_attrs["statuses"] == ["completed"]
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.value == retry.user_attrs["val_acc"]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2 == len(study.trials) - 1  # it owed two trials: the crash did not count
+
+
 def test_a_worker_with_other_decision_settings_or_a_second_folder_is_refused(tmp_path) -> None:
     """One build-up, one policy: a worker whose min_gain (or any decision setting) differs is refused with one line
     naming the key before it rewrites anything; on a shared database a second study folder of the same name on this

@@ -99,7 +99,8 @@ def test_each_comparison_borrows_the_seed_variance_of_the_study_s_earlier_ones()
     for pooled in (True, False):
         config = study_from_dict(_study(pool_seed_variance=pooled))
         lines: list[str] = []
-        replay = replay_buildup(config, table_lookup(table, config), say=lambda key, line: lines.append(line))
+        replay = replay_buildup(config, table_lookup(table, config),
+                                say=lambda key, line, out=lines: out.append(line))
         steps = replay.policy.steps
         assert replay.stopped_by == "finished" and len(steps) >= 4
         looks = [line for line in lines if "P(gain >" in line]

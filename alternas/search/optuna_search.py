@@ -4,11 +4,14 @@ Storage: a journal file in the study folder by default (no server), or any Optun
 many machines share one study. ``trials`` is the study's total over all workers. A worker killed mid-trial loses
 nothing: on an RDB storage Optuna's heartbeat fails the stale trial and ``RetryHeartbeatStaleTrialCallback``
 re-queues it; on the journal file a restarted worker re-queues the RUNNING trials of dead workers on its host.
-Either way the retried candidate resumes from its last epoch checkpoint.
+Either way the retried candidate resumes from its last epoch checkpoint. A seed whose run crashed (out of memory, a
+dead loader) fails its trial without a score and queues the placement again; a seed that diverged (its own,
+deterministic outcome) prunes it: a placement is never scored on the seeds that happened to finish.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import warnings
 from collections.abc import Callable
@@ -39,6 +42,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "flops": ("flops", "minimize"),
 }
 HESSIAN_OBJECTIVES = ("lambda_max", "nep", "ape")
+CRASH_RETRIES = 3  # trials of one run that may fail by a crash (out of memory, ...) beyond the trials it owes
 SAMPLERS = get_args(Sampler)
 PRUNERS = get_args(Pruner)
 
@@ -132,7 +136,8 @@ def run_optuna(
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
     remaining = trials - len(study.get_trials(deepcopy=False, states=counted))
     if remaining > 0:  # a finished study is only reported: optimize would run one more trial before the callback
-        study.optimize(objective, n_trials=remaining, catch=(),
+        # a crashed trial fails without counting and is queued again: room for CRASH_RETRIES of them in this run
+        study.optimize(objective, n_trials=remaining + CRASH_RETRIES, catch=(),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
     Evaluator(config).write_table()  # whole even if a killed worker left it one row behind its result files
     return study
@@ -173,6 +178,12 @@ class _Objective:
                 self.log(f"[trial {trial.number}] invalid: {err} (pruned)")
                 raise optuna.TrialPruned(f"invalid placement: {err}") from None
         self._record(trial, runs)
+        crashed = [r for r in runs if r.status == "failed"]
+        if crashed:  # a crash is never the placement's outcome: no score, and the placement is asked for again
+            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            self.log(f"[trial {trial.number}] seed {crashed[0].seed} crashed ({crashed[0].error}): the trial fails "
+                     "without a score and its placement is queued again (it resumes from its checkpoint)")
+            return [math.nan] * len(self.names) if self.multi else math.nan
         unfinished = [r for r in runs if r.status != "completed"]
         if unfinished:  # as in the build-up: a seed that diverged fails the placement, never a score on the rest
             first = unfinished[0]
