@@ -448,15 +448,27 @@ def study_claims(study_dir: str | Path, confidence: float | None = None) -> list
     def at_warmup(run_dir: str) -> dict[str, Any]:
         return _diagnostics(epoch_diagnostics_dir(run_dir, warmup)) if warmup else {}
 
+    finished = {key: r for key, r in results.items() if r.status == "completed"}
+    _one_split(finished)
     records = {key: RunRecord(r.placement, r.seed, r.val_acc, _diagnostics(Path(r.run_dir)), key,
                               at_warmup(r.run_dir))
-               for key, r in results.items() if r.status == "completed"}
+               for key, r in finished.items()}
     steps = trajectory["steps"]
     runs_of = {s["placement"]: [records[k] for k in s.get("keys", []) if k in records] for s in steps}
     start = runs_of.get(steps[0]["placement"], []) if steps else []
     best_step = _best_alternet(steps, trajectory.get("best"))
     best = runs_of.get(best_step["placement"], []) if best_step else []
     return check_claims(list(records.values()), best, start, _children(steps, runs_of), confidence)
+
+
+def _one_split(results: dict[str, Any]) -> None:
+    """Claims pair runs by seed: refuse runs validated on different splits (data files that differ between the
+    machines that trained them), naming two of them, as the build-up's comparisons do."""
+    from alternas.search.buildup import Evaluated, same_split
+    from alternas.train.evidence import load_evidence
+
+    evidence = {key: load_evidence(result.run_dir) for key, result in results.items()}
+    same_split(Evaluated(results[key], {}, e.last_epoch, e.digest) for key, e in evidence.items() if e is not None)
 
 
 def _best_alternet(steps: list[dict], best: str | None) -> dict | None:

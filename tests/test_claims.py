@@ -27,6 +27,7 @@ from alternas.claims import (
 from alternas.diagnostics import fourier_profile
 from alternas.diagnostics.hessian import hessian_spectrum
 from alternas.models import Base, BlockInfo, build_model, register_base
+from alternas.train.evidence import Evidence, load_evidence
 from tests.browser import assert_report_renders
 from tests.helpers import run_cli, small_study
 
@@ -266,5 +267,14 @@ def test_claims_command_on_a_finished_build_up(tmp_path) -> None:
     shown = assert_report_renders(root / "report.html", min_figures=6)
     if shown is not None:  # None: no browser here (outside CI), only the browser checks are left out
         assert any(f["traces"] >= 4 for f in shown.figures)  # the claims figure: a marker per measured claim
+    runs = sorted(p.parent for p in (root / "candidates").glob("*/evidence.npz"))
+    (runs[0] / "result.json").write_text('{"key": ')  # torn: left out, and said
+    damaged = run_cli("claims", str(root))
+    assert damaged.returncode == 0 and "1 damaged result file(s) left out" in damaged.stderr
+    moved = load_evidence(runs[1])
+    Evidence("another-split", moved.epochs, moved.correct, moved.nll).save(runs[1])  # data that differed
+    split = run_cli("claims", str(root))
+    assert split.returncode == 2 and "validated on different splits" in split.stderr, split.stderr
+    assert runs[1].name in split.stderr and "Traceback" not in split.stderr
     bad = run_cli("claims", str(tmp_path / "nowhere"))
     assert bad.returncode == 2 and "has no build-up trajectory" in bad.stderr

@@ -131,7 +131,7 @@ def _paired_cells(theirs: list[Any], best: list[Any], seeds: list[int], confiden
     if not seeds:
         return "<td colspan=3>no shared seed with the best trial</td>"
     try:
-        same_split(zip(theirs, best))
+        same_split([*theirs, *best])
     except AlternasError as err:
         return f"<td colspan=3>not comparable: {html.escape(str(err))}</td>"
     c = compare_paired(np.stack([e.at() for e in theirs]), np.stack([e.at() for e in best]), 0.0, confidence)

@@ -234,10 +234,10 @@ class Evaluated:
         return cls(result, {e: evidence.at(e)[0] for e in sorted(wanted)}, evidence.last_epoch, evidence.digest)
 
 
-def same_split(pairs: Iterable[tuple[Evaluated, Evaluated]]) -> None:
+def same_split(evaluated: Iterable[Evaluated]) -> None:
     """Refuse to pair evidence about different validation splits (other data files on another machine: the cache
-    key leaves out where the data lives), naming both runs."""
-    recorded = [e for pair in pairs for e in pair if e.digest is not None]
+    key leaves out where the data lives), naming two runs that differ."""
+    recorded = [e for e in evaluated if e.digest is not None]
     for other in recorded[1:]:
         if other.digest != recorded[0].digest:
             a, b = recorded[0].result, other.result
@@ -453,7 +453,7 @@ class _Racer:
             if pair is not None:
                 pairs.append(pair)
                 counted += 1
-        same_split(pairs)
+        same_split(e for pair in pairs for e in pair)
         if missing:
             raise _Missing(missing, pairs)
         return pairs
