@@ -465,10 +465,9 @@ def _one_split(results: dict[str, Any]) -> None:
     """Claims pair runs by seed: refuse runs validated on different splits (data files that differ between the
     machines that trained them), naming two of them, as the build-up's comparisons do."""
     from alternas.search.buildup import Evaluated, same_split
-    from alternas.train.evidence import load_evidence
+    from alternas.train.evidence import evidence_digest
 
-    evidence = {key: load_evidence(result.run_dir) for key, result in results.items()}
-    same_split(Evaluated(results[key], {}, e.last_epoch, e.digest) for key, e in evidence.items() if e is not None)
+    same_split(Evaluated(result, digest=evidence_digest(result.run_dir)) for result in results.values())
 
 
 def _best_alternet(steps: list[dict], best: str | None) -> dict | None:

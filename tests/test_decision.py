@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from alternas.data.datasets import DataConfig, ImageData, load_data
-from alternas.search.decision import SeedVariance, compare_paired, gain_variance, sequential_compare
+from alternas.search.decision import (
+    BORROWED_DF_CAP,
+    SeedVariance,
+    compare_paired,
+    gain_variance,
+    seed_component,
+    sequential_compare,
+)
 from alternas.train import fit, get_recipe
 from alternas.train.evidence import Evidence, load_evidence
 from alternas.train.run import model_for
@@ -140,33 +147,35 @@ def test_calibration_a_gain_of_three_seed_sds_is_accepted_within_the_seed_budget
     assert 2 <= np.mean(seeds) < 5  # racing stops early when the evidence is clear
 
 
-def test_a_borrowed_seed_variance_is_averaged_in_by_degrees_of_freedom() -> None:
+def test_a_borrowed_seed_component_is_averaged_in_by_degrees_of_freedom() -> None:
     rng = np.random.default_rng(5)
-    child, parent = simulate_pair(rng, 0.3, 0.3, n_seeds=3)
+    child, parent = simulate_pair(rng, 0.3, 0.6, n_seeds=3)
     diff = (child.astype(float) - parent) * 100
-    own = SeedVariance(float(diff.mean(axis=1).var(ddof=1)), 2.0)
+    own = seed_component(diff)
+    assert own.df == 2.0 and own.variance > 0
     alone, df_alone = gain_variance(diff)
-    agreeing, df_agreeing = gain_variance(diff, SeedVariance(own.variance, 40.0))
+    agreeing, df_agreeing = gain_variance(diff, SeedVariance(own.variance, 6.0))
     assert agreeing == pytest.approx(alone) and df_agreeing > df_alone  # same variance, known far better
-    larger, _ = gain_variance(diff, SeedVariance(4 * own.variance, 40.0))
+    larger, _ = gain_variance(diff, SeedVariance(4 * own.variance, 6.0))
     assert larger > alone
-    assert SeedVariance.pooled([own, None, SeedVariance(3 * own.variance, 4.0)]) == SeedVariance(
-        pytest.approx((2 + 12) / 6 * own.variance), 6.0)
+    assert SeedVariance.pooled([own, None, SeedVariance(-own.variance, 2.0)]) == SeedVariance(0.0, 4.0)  # floored
+    assert SeedVariance.pooled([own] * 10) == SeedVariance(pytest.approx(own.variance), BORROWED_DF_CAP)  # capped
     assert SeedVariance.pooled([None]) is None
     one = compare_paired(child[:1], parent[:1], borrow=SeedVariance(own.variance, 6.0))
-    assert one.se > compare_paired(child[:1], parent[:1]).se  # one seed now counts seed noise, at the pooled level
+    alone_one = compare_paired(child[:1], parent[:1])
+    # one seed now counts seed noise too: the example term plus exactly the borrowed component
+    assert one.se**2 == pytest.approx(alone_one.se**2 + own.variance)
     c = compare_paired(child, parent, 0.5, borrow=SeedVariance(own.variance, 6.0))
-    assert c.borrowed.df == 6.0 and "pooled with 6 df" in c.describe()
-    assert c.seed_variance == SeedVariance(pytest.approx(own.variance), 2.0)
+    assert c.borrowed.df == 6.0 and "pooled with 6 df" in c.describe() and c.seed_component == own
 
 
 def _borrowed_from_others(rng: np.random.Generator, shift: float, seed_sd: float, others: int = 3) -> SeedVariance:
     """What a study's earlier comparisons (independent, on the same kind of noise, 3 seeds each) pool."""
-    return SeedVariance.pooled(compare_paired(*simulate_pair(rng, shift, seed_sd, n_seeds=3)).seed_variance
+    return SeedVariance.pooled(compare_paired(*simulate_pair(rng, shift, seed_sd, n_seeds=3)).seed_component
                                for _ in range(others))
 
 
-@pytest.mark.parametrize("seed_sd", [0.1, 0.3])
+@pytest.mark.parametrize("seed_sd", [0.1, 0.3, 0.6])
 def test_calibration_borrowing_the_study_s_seed_variance_keeps_false_accepts_within_the_confidence(
         seed_sd: float) -> None:
     rng = np.random.default_rng(30)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +456,22 @@ def test_an_optuna_trial_whose_seed_crashed_fails_and_its_placement_is_tried_aga
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.value == retry.user_attrs["val_acc"]
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 2 == len(study.trials) - 1  # it owed two trials: the crash did not count
+
+    config = replace(config, output=str(tmp_path / "always"))  # a placement that crashes every time: 3 attempts
+    always = crashes[0]
+
+    def always_crashing_fit(model, *args, **kwargs):
+        if str(model.placement) == always:
+            raise RuntimeError("CUDA error: out of memory")
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluator_module, "fit", always_crashing_fit)
+    lines.clear()
+    study = run_optuna(config, quiet=True, log=lines.append)
+    failed = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 3 and [t.user_attrs.get("attempt", 1) for t in failed] == [1, 2, 3]
+    assert any("crashed 3 times in a row and is not queued again" in line for line in lines), lines
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 2  # the others were still tried
 
 
 def test_a_worker_with_other_decision_settings_or_a_second_folder_is_refused(tmp_path) -> None:

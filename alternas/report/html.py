@@ -16,7 +16,7 @@ import plotly.graph_objects as go
 
 from alternas.claims import claims_figure, claims_html, study_claims
 from alternas.diagnostics.run import diagnostic_figures
-from alternas.errors import ConfigError
+from alternas.errors import AlternasError, ConfigError
 from alternas.placement import Placement
 from alternas.search.study import StudyFolder
 
@@ -301,7 +301,7 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
             claims = study_claims(study_dir)
             figures.append(claims_figure(claims))
             claims_section = claims_html(claims)
-        except ConfigError as err:  # e.g. a damaged study.yaml: the report says so instead of failing the search
+        except AlternasError as err:  # a damaged study.yaml, runs of two splits: said, never failing the search
             claims_section = f"<p>The paper's claims could not be checked: {html.escape(str(err))}</p>"
     if storage or has_optuna(study_dir) or _configured_storage(study_dir):
         try:

@@ -332,11 +332,11 @@ class _Racer:
         self.fetched: dict[str, Evaluated] = {}  # every evaluation this replay read, by id
         self.step = 0
         self.screen_at = screen_epoch(config)
-        self.measured: list[SeedVariance | None] = []  # the seed variances this study's decided comparisons measured
+        self.measured: list[SeedVariance | None] = []  # the seed components its decided comparisons measured
 
     @property
     def borrow(self) -> SeedVariance | None:
-        """The seed variance a comparison borrows from the study's earlier ones (``pool_seed_variance``)."""
+        """The seed component a comparison borrows from the study's earlier ones (``pool_seed_variance``)."""
         return SeedVariance.pooled(self.measured) if self.b.pool_seed_variance else None
 
     @property
@@ -510,7 +510,7 @@ class _Racer:
         except _Assumed as assumed:
             return Verdict(assumed.accepted, "assumed"), []
         used = self._draw(child, incumbent, outcome.seeds_used)
-        self.measured.append(outcome.final.seed_variance)
+        self.measured.append(outcome.final.seed_component)
         return (Verdict.from_comparison(outcome.final, outcome.decision == "accept", outcome.decided_by),
                 [c.result for c, _ in used])
 

@@ -64,7 +64,8 @@ class Comparison:
     n_seeds: int
     n_examples: int
     seed_gains: tuple[float, ...]  # the gain seed by seed, pp
-    borrowed: SeedVariance | None = None  # the study's pooled seed variance this comparison's seed term borrowed
+    borrowed: SeedVariance | None = None  # the study's pooled seed component this comparison's seed term borrowed
+    seed_component: SeedVariance | None = None  # what this comparison measured of it (None on one seed)
 
     def describe(self) -> str:
         """One line for the terminal: gain, the decision's interval, probability against the thresholds, decision."""
@@ -74,53 +75,83 @@ class Comparison:
                 f"P(gain > {self.min_gain:g}) = {self.p_gain:.2f} (accept >= {self.accept_at:.3g}, reject <= "
                 f"{1 - self.confidence:.2g}){borrowed}  {self.decision}")
 
-    @property
-    def seed_variance(self) -> SeedVariance | None:
-        """What this comparison measured of the seed-to-seed variance of its gain (``None`` on one seed)."""
-        if self.n_seeds < 2:
-            return None
-        return SeedVariance(float(np.var(self.seed_gains, ddof=1)), float(self.n_seeds - 1))
+
+
+BORROWED_DF_CAP = 6.0  # the comparisons of one build-up share its incumbents and seeds: their pooled seed component
+# is worth about as much as a few independent ones however many there are (a 3-seed pool: at most ~8 df), so it
+# never counts for more than three 3-seed comparisons
 
 
 @dataclass(frozen=True)
 class SeedVariance:
-    """A seed-to-seed variance of the per-seed gain (pp^2) and its degrees of freedom."""
+    """The seed component of a gain's variance, var(a) in pp^2 (what a training seed does to the gain beyond the
+    example-level noise; an estimate, so possibly below zero), and its degrees of freedom."""
 
     variance: float
     df: float
 
     @classmethod
-    def pooled(cls, measured: Iterable[SeedVariance | None]) -> SeedVariance | None:
-        """The df-weighted pool of several comparisons' seed variances, or ``None`` when none measured one."""
+    def pooled(cls, measured: Iterable[SeedVariance | None], max_df: float = BORROWED_DF_CAP) -> SeedVariance | None:
+        """The df-weighted pool of several comparisons' seed components (floored at zero, its df capped at
+        ``max_df``), or ``None`` when none measured one."""
         known = [m for m in measured if m is not None and m.df > 0]
         df = sum(m.df for m in known)
-        return cls(sum(m.variance * m.df for m in known) / df, df) if df else None
+        if not df:
+            return None
+        return cls(max(sum(m.variance * m.df for m in known) / df, 0.0), min(df, max_df))
+
+
+@dataclass(frozen=True)
+class _MeanSquares:
+    """The ANOVA mean squares of a (seeds, examples) array of paired differences, with their degrees of freedom."""
+
+    seeds: float
+    resid: float
+    examples: float
+    df_seeds: float
+    df_resid: float
+    df_examples: float
+
+    @classmethod
+    def of(cls, diff: np.ndarray) -> _MeanSquares:
+        s, n = diff.shape
+        example_means = diff.mean(axis=0)
+        ms_examples = s * example_means.var(ddof=1) if n > 1 else 0.0
+        seed_means = diff.mean(axis=1)
+        ms_seeds = n * seed_means.var(ddof=1) if s > 1 else 0.0
+        resid = diff - seed_means[:, None] - example_means[None, :] + diff.mean()
+        df_resid = (s - 1) * (n - 1)
+        ms_resid = float((resid**2).sum() / df_resid) if df_resid else 0.0
+        return cls(float(ms_seeds), ms_resid, float(ms_examples), float(s - 1), float(df_resid), float(max(n - 1, 1)))
+
+
+def seed_component(diff: np.ndarray) -> SeedVariance | None:
+    """What one comparison measured of var(a), the seed component of its gain's variance (``None`` on one seed)."""
+    s, n = diff.shape
+    if s < 2:
+        return None
+    ms = _MeanSquares.of(diff)
+    return SeedVariance((ms.seeds - ms.resid) / n, ms.df_seeds)
 
 
 def gain_variance(diff: np.ndarray, borrow: SeedVariance | None = None) -> tuple[float, float]:
     """(variance of the mean, Satterthwaite degrees of freedom) of a (seeds, examples) array of paired differences
     under the crossed seed x example random-effects model, its seed term moderated by ``borrow`` if given."""
     s, n = diff.shape
-    example_means = diff.mean(axis=0)
-    ms_examples = s * example_means.var(ddof=1) if n > 1 else 0.0
+    ms = _MeanSquares.of(diff)
     if s == 1 and borrow is None:
-        return ms_examples / n, float(max(n - 1, 1))
-    seed_means = diff.mean(axis=1)
-    ms_seeds = n * seed_means.var(ddof=1) if s > 1 else 0.0
-    df_seeds = float(s - 1)
-    if borrow is not None:  # the seed mean square is n x the per-seed gain variance: average the two, df-weighted
-        ms_seeds = (df_seeds * ms_seeds + borrow.df * n * borrow.variance) / (df_seeds + borrow.df)
+        return ms.examples / n, ms.df_examples
+    ms_seeds, df_seeds = ms.seeds, ms.df_seeds
+    if borrow is not None:  # E[MS_seeds] = n var(a) + var(e): the borrowed var(a) plus this comparison's own var(e)
+        expected = n * borrow.variance + ms.resid
+        ms_seeds = (df_seeds * ms_seeds + borrow.df * expected) / (df_seeds + borrow.df)
         df_seeds += borrow.df
-    resid = diff - seed_means[:, None] - example_means[None, :] + diff.mean()
-    df_resid = (s - 1) * (n - 1)
-    # with one seed the residual cannot be told from the example term: counting it in both is conservative
-    ms_resid = float((resid**2).sum() / df_resid) if df_resid else 0.0
-    df_examples = max(n - 1, 1)
     # the seed component is floored at zero, but its uncertainty always counts: two seeds that happen to agree
-    # say little about the next one (dropping that term made single looks at two seeds over-confident)
-    total = max(ms_seeds - ms_resid, 0.0) + ms_examples
-    denom = ms_seeds**2 / df_seeds + ms_resid**2 / max(df_resid, 1) + ms_examples**2 / df_examples
-    df = total**2 / denom if denom > 0 else float(df_examples)
+    # say little about the next one (dropping that term made single looks at two seeds over-confident). With one
+    # seed the residual is inside the example term (df_resid 0, nothing subtracted).
+    total = max(ms_seeds - ms.resid, 0.0) + ms.examples
+    denom = ms_seeds**2 / df_seeds + ms.resid**2 / max(ms.df_resid, 1) + ms.examples**2 / ms.df_examples
+    df = total**2 / denom if denom > 0 else ms.df_examples
     return total / (s * n), float(max(df, 1.0))
 
 
@@ -159,7 +190,8 @@ def compare_paired(
         bounds = (gain, gain)
     decision = "accept" if p_gain >= accept_at else "reject" if p_gain <= 1 - confidence else "undecided"
     return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, bounds,
-                      se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)), borrow)
+                      se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)), borrow,
+                      seed_component(diff))
 
 
 @dataclass

@@ -46,6 +46,9 @@ class Snapshot:
     running: set[str]  # evaluation ids some worker is running
 
 
+SETTINGS_BEFORE_THEY_WERE_STORED = {"pool_seed_variance": False}  # what a search stored before a key existed ran with
+
+
 def decision_settings(config: StudyConfig) -> dict[str, Any]:
     """What decides the build-up's answers: every worker of one search must agree on these (``max_candidates`` and
     ``budget_hours`` only say when to stop, so a resumed search may change them)."""
@@ -95,6 +98,7 @@ class SharedEvaluations:
             # (two workers starting at the same moment with different settings are not caught)
             self.study.set_user_attr("decision_settings", mine)
             stored = mine
+        stored = {**SETTINGS_BEFORE_THEY_WERE_STORED, **stored}
         differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
         if differing:
             shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)

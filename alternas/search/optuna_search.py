@@ -42,7 +42,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "flops": ("flops", "minimize"),
 }
 HESSIAN_OBJECTIVES = ("lambda_max", "nep", "ape")
-CRASH_RETRIES = 3  # trials of one run that may fail by a crash (out of memory, ...) beyond the trials it owes
+CRASH_RETRIES = 3  # attempts at a placement whose runs crash (out of memory, ...); also the extra trials a run has
 SAMPLERS = get_args(Sampler)
 PRUNERS = get_args(Pruner)
 
@@ -180,9 +180,14 @@ class _Objective:
         self._record(trial, runs)
         crashed = [r for r in runs if r.status == "failed"]
         if crashed:  # a crash is never the placement's outcome: no score, and the placement is asked for again
-            trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            self.log(f"[trial {trial.number}] seed {crashed[0].seed} crashed ({crashed[0].error}): the trial fails "
-                     "without a score and its placement is queued again (it resumes from its checkpoint)")
+            attempt = int(trial.user_attrs.get("attempt", 1))
+            said = f"[trial {trial.number}] seed {crashed[0].seed} crashed ({crashed[0].error}): the trial fails"
+            if attempt < CRASH_RETRIES:
+                trial.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "attempt": attempt + 1})
+                self.log(f"{said} without a score and its placement is queued again (it resumes from its checkpoint)")
+            else:
+                self.log(f"{said}; it crashed {attempt} times in a row and is not queued again: see "
+                         f"{Path(crashed[0].run_dir) / 'error.log'}")
             return [math.nan] * len(self.names) if self.multi else math.nan
         unfinished = [r for r in runs if r.status != "completed"]
         if unfinished:  # as in the build-up: a seed that diverged fails the placement, never a score on the rest

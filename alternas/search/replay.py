@@ -224,15 +224,20 @@ def replay_pairs(table: Table, config: StudyConfig, truth: Truth, seed: int = 0)
                                   confidence=b.confidence, borrow=borrow)
 
     pairs = [(child, parent) for child in usable for parent in usable if child != parent]
-    measured = {pair: decide(*pair).final.seed_variance for pair in pairs} if b.pool_seed_variance else {}
+    measured = {}
+    if b.pool_seed_variance:
+        measured = {(a, c): decide(a, c).final.seed_component for a, c in itertools.combinations(usable, 2)}
     rng = np.random.default_rng(seed)
     seeds_used = []
     for child, parent in pairs:
         borrow = None
-        if b.pool_seed_variance:
-            others = [pair for pair in pairs if not {child, parent} & set(pair)]
-            picks = rng.choice(len(others), min(BORROWED_COMPARISONS, len(others)), replace=False)
-            borrow = SeedVariance.pooled(measured[others[i]] for i in picks)
+        if b.pool_seed_variance:  # up to BORROWED_COMPARISONS pairs sharing no placement with it or each other
+            picked: list[tuple[str, str]] = []
+            others = [pair for pair in measured if not {child, parent} & set(pair)]
+            for i in rng.permutation(len(others)):
+                if len(picked) < BORROWED_COMPARISONS and not any(set(others[i]) & set(p) for p in picked):
+                    picked.append(others[i])
+            borrow = SeedVariance.pooled(measured[pair] for pair in picked)
         result = decide(child, parent, borrow)
         seeds_used.append(result.seeds_used)
         truth.grade(outcome, child, parent, b.min_gain, result.decision == "accept")

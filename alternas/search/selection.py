@@ -10,6 +10,8 @@ from pathlib import Path
 from alternas.errors import ConfigError
 from alternas.search.evaluator import CandidateResult, read_results
 
+_SAID_DAMAGED: set[Path] = set()  # said once per process: claims build a report that reads the same files
+
 
 def load_results(study_dir: str | Path, say: Callable[[str], None] = lambda line: print(line, file=sys.stderr)
                  ) -> dict[str, CandidateResult]:
@@ -17,9 +19,11 @@ def load_results(study_dir: str | Path, say: Callable[[str], None] = lambda line
     ``say`` tells how many were, so a report or claim never rests on fewer runs silently."""
     damaged: list[Path] = []
     results = read_results(Path(study_dir) / "candidates", damaged)
-    if damaged:
-        shown = ", ".join(str(p.relative_to(study_dir)) for p in damaged[:3]) + (", ..." if len(damaged) > 3 else "")
-        say(f"{study_dir}: {len(damaged)} damaged result file(s) left out ({shown}); run the study's search command "
+    unsaid = [p for p in damaged if p.resolve() not in _SAID_DAMAGED]
+    _SAID_DAMAGED.update(p.resolve() for p in unsaid)
+    if unsaid:
+        shown = ", ".join(str(p.relative_to(study_dir)) for p in unsaid[:3]) + (", ..." if len(unsaid) > 3 else "")
+        say(f"{study_dir}: {len(unsaid)} damaged result file(s) left out ({shown}); run the study's search command "
             "again to restore them from its storage, or to evaluate them again")
     return results
 

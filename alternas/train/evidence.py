@@ -78,6 +78,15 @@ class Evidence:
         return atomic_write(Path(run_dir) / EVIDENCE_FILE, write)
 
 
+def evidence_digest(run_dir: str | Path) -> str | None:
+    """The validation-split digest of a run's evidence, read without decoding its rows (``None`` if it has none)."""
+    try:
+        with np.load(Path(run_dir) / EVIDENCE_FILE, allow_pickle=False) as f:
+            return str(f["digest"])
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+
+
 def load_evidence(run_dir: str | Path) -> Evidence | None:
     """The evidence of a run folder, or ``None`` if it has none (or an unreadable file, which is as good as none:
     the comparison that needs it then trains or re-evaluates)."""
