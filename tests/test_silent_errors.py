@@ -390,6 +390,24 @@ def test_the_heartbeat_outlives_a_storage_error_and_says_so_once(tmp_path) -> No
     assert any("recovered" in line for line in lines), lines
 
 
+def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp_path) -> None:
+    """Its settings carry no pool_seed_variance: it decided without pooling, so resuming it with pooling (the
+    default now) would replay other decisions: refused, naming the key; without pooling it resumes."""
+    from alternas.errors import ConfigError
+    from alternas.search.buildup import EvaluationRequest
+    from alternas.search.evaluations import SharedEvaluations
+
+    config = study_from_dict(_study(tmp_path))
+    board = SharedEvaluations(config, log=lambda _: None)
+    board.claim(EvaluationRequest("CC,CC,CC,CC", 0, "k0"))
+    stored = dict(board.study.user_attrs["decision_settings"])
+    assert stored.pop("pool_seed_variance") is True
+    board.study.set_user_attr("decision_settings", stored)  # as a search started before the key existed left it
+    with pytest.raises(ConfigError, match=r"pool_seed_variance False \(here True\)"):
+        SharedEvaluations(config, log=lambda _: None)
+    SharedEvaluations(replace(config, buildup=replace(config.buildup, pool_seed_variance=False)), log=lambda _: None)
+
+
 def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path) -> None:
     from alternas.search.buildup import Evaluated, EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
