@@ -18,11 +18,11 @@ cannot be estimated and only example-level noise is counted (a paired, McNemar-l
 of freedom, and a t with one degree of freedom needs a gain six standard errors above ``min_gain`` to accept at
 0.95: most true gains are rejected by the seed budget. The comparisons of one study share its data, recipe and
 base, and on the shipped tables their seed-to-seed gain variances agree about as well as their sampling noise
-allows (``studies/tables``: one variance spread over pairs of placements). So, as limma's moderated t does for
-genes, a comparison may borrow the seed variance its study's earlier comparisons measured (``SeedVariance``): the
-seed mean square becomes the df-weighted average of its own and the pooled one, and the seed term's degrees of
-freedom the sum. One seed then counts seed noise too (at the pooled variance). Pooling assumes the comparisons
-share one seed variance; the build-up replays on the tables measure whether that keeps false accepts in bounds.
+allows. So, as limma's moderated t does for genes, a comparison may borrow the seed component ``var(a)`` its
+study's earlier comparisons measured (``SeedVariance``, pooled by degrees of freedom, floored at zero, its df capped
+at ``BORROWED_DF_CAP``: comparisons sharing an incumbent and its seeds are not independent). The seed mean square,
+whose expectation is ``n var(a) + var(e)``, becomes the df-weighted average of its own and ``n var(a)_borrowed +
+MS_resid``, with the summed degrees of freedom. One seed then counts seed noise too, at the borrowed level.
 
 ``p_gain`` is the t-distribution's probability that the true gain exceeds ``min_gain`` (the confidence
 distribution of the gain). ``accept`` when ``p_gain >= confidence``, ``reject`` when ``p_gain <= 1 - confidence``,
