@@ -220,3 +220,24 @@ def test_the_probe_table_holds_a_helping_msa_and_the_quickstart_can_accept_it() 
     accepted = sum(final != START for final in finals) / len(finals)
     assert accepted >= 0.2, finals  # it can say yes where the truth says yes ...
     assert false_accepts == 0  # ... and says it only there
+
+
+def test_the_fashion_mnist_table_says_no_msa_helps_and_the_build_up_never_accepts_one() -> None:
+    """Real data: the shipped Fashion-MNIST table (every placement x 8 seeds) puts no MSA above the start by
+    min_gain, and its own build-up (pooled seed component, 2->3 race), replayed on 3-seed pools, accepts no MSA the
+    held-out seeds call no better, while keeping within half a point of the true best."""
+    from alternas.search import load_study
+    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
+
+    folder = SHIPPED / "tables" / "fashion-mnist"
+    table = Table.load(folder)
+    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
+    config = load_study(folder / "study.yaml")
+    assert config.buildup.pool_seed_variance and config.seed_budget == (2, 3)
+    every_seed = Truth(table, [])
+    assert all(every_seed.gain_is(p, START, config.buildup.min_gain) != "above" for p in table.placements if p != START)
+    lookup = table_lookup(table, config)
+    outcomes = [replay_buildup_on(table, replace(config, seeds=tuple(pool)), Truth(table, pool), lookup)
+                for pool in seed_pools(table.seeds, 3, 30)]
+    assert sum(o.accepts_null for o in outcomes) == 0 and sum(o.decisions_null for o in outcomes) > 0
+    assert np.mean([o.regret_pp for o in outcomes]) < 0.5
