@@ -408,6 +408,24 @@ def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp
     SharedEvaluations(replace(config, buildup=replace(config.buildup, pool_seed_variance=False)), log=lambda _: None)
 
 
+def test_a_worker_whose_data_gives_another_split_is_refused_before_it_trains(tmp_path) -> None:
+    """Another machine recorded a run validated on a split this machine's data does not give: joining that search
+    stops with one line naming the run before anything trains here (it used to train a child first)."""
+    from alternas.errors import AlternasError
+    from alternas.search.buildup import Evaluated, EvaluationRequest
+    from alternas.search.evaluations import SharedEvaluations
+    from alternas.search.evaluator import CandidateResult
+
+    config = study_from_dict(_study(tmp_path))
+    board = SharedEvaluations(config, log=lambda _: None)
+    request = EvaluationRequest("CC,CC,CC,CC", 0, "k0")
+    result = CandidateResult("k0", "CC,CC,CC,CC", 0, 0, "tiny", 1, None, "completed", val_acc=50.0)
+    board.record(board.claim(request), Evaluated(result, {1: np.array([True, False])}, 1, "elsewhere"))
+    with pytest.raises(AlternasError, match=r"differs from the one run k0 \(CC,CC,CC,CC, seed 0\).*\(elsewhere\)"):
+        run_buildup(config, quiet=True, log=lambda _: None)
+    assert not list((tmp_path / "study" / "candidates").glob("*/result.json"))  # nothing trained here
+
+
 def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path) -> None:
     from alternas.search.buildup import Evaluated, EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations

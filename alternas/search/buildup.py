@@ -248,6 +248,17 @@ def same_split(evaluated: Iterable[Evaluated]) -> None:
                 "machine's runs to train them again")
 
 
+def split_here(digest: str, evaluated: Iterable[Evaluated]) -> None:
+    """Refuse, before anything trains here, to join a search whose runs were validated on another split than this
+    machine's data gives (the first paired look would refuse too, but only after this worker trained a child)."""
+    other = next((e for e in evaluated if e.digest is not None and e.digest != digest), None)
+    if other is not None:
+        r = other.result
+        raise AlternasError(f"this machine's validation split ({digest}) differs from the one run {r.key} "
+                            f"({r.placement}, seed {r.seed}) of this search was validated on ({other.digest}): give "
+                            "every machine the same data files, or start another study (another `name`)")
+
+
 @dataclass
 class Blocked:
     """Where a replay stopped for want of evidence: the evaluations the look needs (each runnable now), and the
@@ -675,7 +686,9 @@ def run_buildup(
         log(SELECTS_ON_TEST)
     if config.seed_budget[1] == 1:
         log(ONE_SEED)
-    restored = evaluator.restore_results(e.result for e in board.snapshot().done.values())
+    done = board.snapshot().done.values()
+    split_here(evaluator.data.val.digest(), done)
+    restored = evaluator.restore_results(e.result for e in done)
     if restored:
         log(f"restored {restored} lost result.json file(s) from the study's storage (nothing retrained)")
     worker = _Worker(config, evaluator, board, log)
