@@ -103,8 +103,11 @@ class SeedVariance:
 
 @dataclass(frozen=True)
 class _MeanSquares:
-    """The ANOVA mean squares of a (seeds, examples) array of paired differences, with their degrees of freedom."""
+    """The ANOVA mean squares of a (seeds, examples) array of paired differences, with their degrees of freedom:
+    computed once per comparison, read by its variance and by the seed component it hands to later comparisons."""
 
+    n_seeds: int
+    n_examples: int
     seeds: float
     resid: float
     examples: float
@@ -122,37 +125,41 @@ class _MeanSquares:
         resid = diff - seed_means[:, None] - example_means[None, :] + diff.mean()
         df_resid = (s - 1) * (n - 1)
         ms_resid = float((resid**2).sum() / df_resid) if df_resid else 0.0
-        return cls(float(ms_seeds), ms_resid, float(ms_examples), float(s - 1), float(df_resid), float(max(n - 1, 1)))
+        return cls(s, n, float(ms_seeds), ms_resid, float(ms_examples), float(s - 1), float(df_resid),
+                   float(max(n - 1, 1)))
+
+    def seed_component(self) -> SeedVariance | None:
+        if self.n_seeds < 2:
+            return None
+        return SeedVariance((self.seeds - self.resid) / self.n_examples, self.df_seeds)
+
+    def gain_variance(self, borrow: SeedVariance | None) -> tuple[float, float]:
+        s, n = self.n_seeds, self.n_examples
+        if s == 1 and borrow is None:
+            return self.examples / n, self.df_examples
+        ms_seeds, df_seeds = self.seeds, self.df_seeds
+        if borrow is not None:  # E[MS_seeds] = n var(a) + var(e): the borrowed var(a) plus this comparison's var(e)
+            expected = n * borrow.variance + self.resid
+            ms_seeds = (df_seeds * ms_seeds + borrow.df * expected) / (df_seeds + borrow.df)
+            df_seeds += borrow.df
+        # the seed component is floored at zero, but its uncertainty always counts: two seeds that happen to agree
+        # say little about the next one (dropping that term made single looks at two seeds over-confident). With
+        # one seed the residual is inside the example term (df_resid 0, nothing subtracted).
+        total = max(ms_seeds - self.resid, 0.0) + self.examples
+        denom = ms_seeds**2 / df_seeds + self.resid**2 / max(self.df_resid, 1) + self.examples**2 / self.df_examples
+        df = total**2 / denom if denom > 0 else self.df_examples
+        return total / (s * n), float(max(df, 1.0))
 
 
 def seed_component(diff: np.ndarray) -> SeedVariance | None:
     """What one comparison measured of var(a), the seed component of its gain's variance (``None`` on one seed)."""
-    s, n = diff.shape
-    if s < 2:
-        return None
-    ms = _MeanSquares.of(diff)
-    return SeedVariance((ms.seeds - ms.resid) / n, ms.df_seeds)
+    return _MeanSquares.of(diff).seed_component()
 
 
 def gain_variance(diff: np.ndarray, borrow: SeedVariance | None = None) -> tuple[float, float]:
     """(variance of the mean, Satterthwaite degrees of freedom) of a (seeds, examples) array of paired differences
     under the crossed seed x example random-effects model, its seed term moderated by ``borrow`` if given."""
-    s, n = diff.shape
-    ms = _MeanSquares.of(diff)
-    if s == 1 and borrow is None:
-        return ms.examples / n, ms.df_examples
-    ms_seeds, df_seeds = ms.seeds, ms.df_seeds
-    if borrow is not None:  # E[MS_seeds] = n var(a) + var(e): the borrowed var(a) plus this comparison's own var(e)
-        expected = n * borrow.variance + ms.resid
-        ms_seeds = (df_seeds * ms_seeds + borrow.df * expected) / (df_seeds + borrow.df)
-        df_seeds += borrow.df
-    # the seed component is floored at zero, but its uncertainty always counts: two seeds that happen to agree
-    # say little about the next one (dropping that term made single looks at two seeds over-confident). With one
-    # seed the residual is inside the example term (df_resid 0, nothing subtracted).
-    total = max(ms_seeds - ms.resid, 0.0) + ms.examples
-    denom = ms_seeds**2 / df_seeds + ms.resid**2 / max(ms.df_resid, 1) + ms.examples**2 / ms.df_examples
-    df = total**2 / denom if denom > 0 else ms.df_examples
-    return total / (s * n), float(max(df, 1.0))
+    return _MeanSquares.of(diff).gain_variance(borrow)
 
 
 def compare_paired(
@@ -177,7 +184,8 @@ def compare_paired(
     diff = (child - parent) * 100.0
     n_seeds, n_examples = diff.shape
     gain = float(diff.mean())
-    variance, df = gain_variance(diff, borrow)
+    mean_squares = _MeanSquares.of(diff)
+    variance, df = mean_squares.gain_variance(borrow)
     se = math.sqrt(max(variance, 0.0))
     accept_at = 1 - (1 - confidence) / max(looks, 1)
     if se > 0:
@@ -191,7 +199,7 @@ def compare_paired(
     decision = "accept" if p_gain >= accept_at else "reject" if p_gain <= 1 - confidence else "undecided"
     return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, bounds,
                       se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)), borrow,
-                      seed_component(diff))
+                      mean_squares.seed_component())
 
 
 @dataclass
