@@ -545,4 +545,22 @@ def test_evidence_of_two_validation_splits_is_never_paired(tmp_path) -> None:
     raw["buildup"]["max_candidates"] = 2
     res = run_cli("buildup", "--study", str(_write(tmp_path, raw)), "--quiet", "--storage", url)
     assert res.returncode == 2 and "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
-    assert "were validated on different splits" in res.stderr and "CC,CC,CC,CC" in res.stderr, res.stderr
+    # refused at start-up, before the second machine trains a child that would be paired with the first's runs
+    assert "this machine's validation split" in res.stderr and "(CC,CC,CC,CC, seed 0)" in res.stderr, res.stderr
+    assert len(list((tmp_path / "study" / "candidates").glob("*/result.json"))) == 2  # the first machine's 2 seeds
+
+
+def test_a_paired_look_refuses_evidence_of_two_splits_naming_both_runs() -> None:
+    """The last guard, where two candidates' evidence meets: runs recorded with different split digests."""
+    from alternas.errors import AlternasError
+    from alternas.search.buildup import Evaluated, same_split
+    from alternas.search.evaluator import CandidateResult
+
+    def run(key: str, placement: str, digest: str | None) -> Evaluated:
+        result = CandidateResult(key, placement, 0, 0, "tiny", 1, None, "completed", val_acc=50.0)
+        return Evaluated(result, {1: np.array([True, False])}, 1, digest)
+
+    same_split([run("k0", "CC,CC,CC,CC", "aaaa"), run("k1", "CC,CC,CC,CM", None), run("k2", "CC,CC,CC,CM", "aaaa")])
+    with pytest.raises(AlternasError, match=r"runs k0 \(CC,CC,CC,CC, seed 0\) and k2 \(CC,CC,CC,CM, seed 0\) were "
+                                            r"validated on different splits \(aaaa vs bbbb\)"):
+        same_split([run("k0", "CC,CC,CC,CC", "aaaa"), run("k1", "CC,CC,CC,CM", None), run("k2", "CC,CC,CC,CM", "bbbb")])
