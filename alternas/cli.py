@@ -42,14 +42,27 @@ def main() -> None:
     """Build, train, diagnose and search AlterNets (Conv/MSA placements on ResNet bases)."""
 
 
+# Help texts of options that several commands share (a study file's value wins where the option is not given).
+BASE_HELP = "Base network: resnet18/34/50/101/152 or a CPU-sized tiny/small (see `alternas bases`)."
+WINDOW_HELP = "MSA window; default 4 for images <= 64 px, else 7."
+DATA_HELP = ("cifar10, cifar100, fashion-mnist, mnist, kmnist, shapes, textures, cued-shapes or imagefolder:PATH.")
+DATA_ROOT_HELP = ("Where datasets live (default $ALTERNAS_DATA, else ~/.cache/alternas/data; Fashion-MNIST also "
+                  "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).")
+SUBSET_HELP = "Train on a class-balanced subset: a fraction (0-1] or a number of images."
+DEVICE_HELP = "cuda, cuda:1, mps or cpu (default: the best available)."
+RECIPE_HELP = "Training recipe preset: fast, paper, paper-imagenet or paper-sgd."
+_STUDY_DEFAULT = " Default: the study file's, else {} on the built-in datasets and {} on others."
+
+
 def _model_options(func: Any) -> Any:
     """Options shared by every command that builds a model from a placement."""
     for option in reversed([
-        click.option("--base", default="resnet50", show_default=True, help="Base network (see `alternas bases`)."),
-        click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True),
-        click.option("--image-size", type=click.IntRange(min=8), default=224, show_default=True),
-        click.option("--window-size", type=click.IntRange(min=1), default=None,
-                     help="MSA window; default 4 for images <= 64 px, else 7."),
+        click.option("--base", default="resnet50", show_default=True, help=BASE_HELP),
+        click.option("--num-classes", type=click.IntRange(min=1), default=1000, show_default=True,
+                     help="Classes of the classifier head."),
+        click.option("--image-size", type=click.IntRange(min=8), default=224, show_default=True,
+                     help="Input size in px: <= 64 gives the CIFAR-style stem (3x3, no max-pool)."),
+        click.option("--window-size", type=click.IntRange(min=1), default=None, help=WINDOW_HELP),
     ]):
         func = option(func)
     return func
@@ -154,11 +167,9 @@ def _parse_sets(pairs: tuple[str, ...]) -> dict[str, str]:
 def _data_options(func: Any) -> Any:
     for option in reversed([
         click.option("--data", "data_name", default="shapes", show_default=True,
-                     help="cifar10, cifar100, fashion-mnist, mnist, kmnist, shapes, textures, cued-shapes or "
-                          "imagefolder:PATH."),
-        click.option("--data-root", default=None, help="Where datasets live (default $ALTERNAS_DATA or the cache)."),
-        click.option("--subset", type=float, default=None,
-                     help="Train on a class-balanced subset: a fraction (0-1] or a number of images."),
+                     help=DATA_HELP),
+        click.option("--data-root", default=None, help=DATA_ROOT_HELP),
+        click.option("--subset", type=float, default=None, help=SUBSET_HELP),
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
                      help="Share of the training set held out for validation (seeded)."),
         click.option("--image-size", type=click.IntRange(min=8), default=None,
@@ -173,21 +184,23 @@ def _data_options(func: Any) -> Any:
 
 @main.command()
 @click.option("--placement", required=True, help="Placement string, e.g. CC,CM,CM,CM.")
-@click.option("--base", default="resnet50", show_default=True)
-@click.option("--window-size", type=click.IntRange(min=1), default=None)
+@click.option("--base", default="resnet50", show_default=True, help=BASE_HELP)
+@click.option("--window-size", type=click.IntRange(min=1), default=None, help=WINDOW_HELP)
 @_data_options
-@click.option("--recipe", "recipe_name", default="fast", show_default=True,
-              help="fast, paper, paper-imagenet or paper-sgd.")
+@click.option("--recipe", "recipe_name", default="fast", show_default=True, help=RECIPE_HELP)
 @click.option("--recipe-file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="YAML mapping of recipe keys applied on top of --recipe.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Epochs after warmup.")
-@click.option("--batch-size", type=click.IntRange(min=2), default=None)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--batch-size", type=click.IntRange(min=2), default=None,
+              help="Training batch size (default: the recipe's).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Peak learning rate (default: the recipe's).")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Any other recipe key (repeatable).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", default=None, help="cuda, cuda:1, mps or cpu (default: the best available).")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the weights, data order and augmentation.")
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--compile", "compile_model", is_flag=True, help="torch.compile the model (CUDA).")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels (slower).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
@@ -222,11 +235,11 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("--placement", default=None, help="Without RUN_DIR: the placement to build.")
 @click.option("--base", default=None, help="Without RUN_DIR: the base (default resnet50).")
-@click.option("--window-size", type=click.IntRange(min=1), default=None)
+@click.option("--window-size", type=click.IntRange(min=1), default=None, help=WINDOW_HELP)
 @click.option("--checkpoint", type=click.Path(dir_okay=False), default=None, help="Weights to diagnose.")
 @click.option("--data", "data_name", default=None, help="Dataset (default: the run's, else shapes).")
-@click.option("--data-root", default=None)
-@click.option("--subset", type=float, default=None)
+@click.option("--data-root", default=None, help=DATA_ROOT_HELP)
+@click.option("--subset", type=float, default=None, help=SUBSET_HELP)
 @click.option("--recipe", "recipe_name", default=None, help="Recipe whose augmentation and wd the Hessian uses.")
 @click.option("--preset", type=click.Choice(["default", "paper"]), default=None,
               help="Diagnostics settings: paper = the paper's protocol (top-5 Hessian eigenvalues per training batch "
@@ -239,11 +252,13 @@ def train(placement: str, base: str, window_size: int | None, data_name: str, da
 @click.option("--landscape", is_flag=True, help="2-D loss landscape (costly: grid² × batches forwards).")
 @click.option("--trace", is_flag=True, help="Hutchinson estimate of the Hessian trace.")
 @click.option("--cka", is_flag=True, help="Linear CKA between every pair of blocks' outputs.")
-@click.option("--hessian-batches", type=click.IntRange(min=1), default=None)
-@click.option("--hessian-k", type=click.IntRange(min=1), default=None)
+@click.option("--hessian-batches", type=click.IntRange(min=1), default=None,
+              help="Batches the Hessian spectrum averages over (default: the preset's).")
+@click.option("--hessian-k", type=click.IntRange(min=1), default=None,
+              help="Top eigenvalues of the Hessian to estimate (default: the preset's).")
 @click.option("--no-augment", is_flag=True, help="Hessian loss on clean batches instead of augmented ones.")
 @click.option("--no-l2", is_flag=True, help="Hessian loss without the (wd/2)·‖θ‖² term.")
-@click.option("--device", default=None)
+@click.option("--device", default=None, help=DEVICE_HELP)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Where diagnostics.json and diagnostics.html go (default RUN_DIR/diagnostics).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
@@ -278,15 +293,17 @@ def _study_options(func: Any) -> Any:
     """Options shared by the searches: they override the study file's values."""
     for option in reversed([
         click.option("--name", default=None, help="Study name (output defaults to studies/<name>)."),
-        click.option("--base", default=None),
-        click.option("--data", "data_name", default=None),
-        click.option("--data-root", default=None),
-        click.option("--subset", type=float, default=None),
-        click.option("--recipe", "recipe_name", default=None),
-        click.option("--epochs", type=click.IntRange(min=1), default=None),
+        click.option("--base", default=None, help=BASE_HELP + _STUDY_DEFAULT.format("tiny", "resnet50")),
+        click.option("--data", "data_name", default=None, help=DATA_HELP + " Default: the study file's, else shapes."),
+        click.option("--data-root", default=None, help=DATA_ROOT_HELP),
+        click.option("--subset", type=float, default=None, help=SUBSET_HELP),
+        click.option("--recipe", "recipe_name", default=None,
+                     help=RECIPE_HELP + _STUDY_DEFAULT.format("fast", "paper")),
+        click.option("--epochs", type=click.IntRange(min=1), default=None,
+                     help="Epochs after warmup of every candidate (default: the recipe's)."),
         click.option("--seeds", default=None, help="Comma-separated seeds; decisions use the mean over them."),
         click.option("--out", "out_dir", default=None, help="Study folder (default studies/<name>)."),
-        click.option("--device", default=None),
+        click.option("--device", default=None, help=DEVICE_HELP),
         click.option("--quiet", is_flag=True, help="No per-epoch progress bars."),
         click.option("--retry-failed", is_flag=True,
                      help="Train diverged candidates again (crashed ones are retried by every run anyway)."),
@@ -345,9 +362,12 @@ def _run_workers(command: str, config: Any, workers: int, storage: str | None, q
               help="Look at this fraction of the epochs first; stop children confidently worse there.")
 @click.option("--pool-seed-variance/--no-pool-seed-variance", default=None,
               help="Comparisons borrow the seed variance the study's earlier comparisons measured (default: on).")
-@click.option("--patience", type=click.IntRange(min=0), default=None)
-@click.option("--max-candidates", type=click.IntRange(min=1), default=None)
-@click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option("--patience", type=click.IntRange(min=0), default=None,
+              help="After a reject, keep adding MSAs in that stage on the rejected net this many times (default 0).")
+@click.option("--max-candidates", type=click.IntRange(min=1), default=None,
+              help="Placements to evaluate, the start included (default 50).")
+@click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Stop once candidates have used this many hours of training (default: no budget).")
 @click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
 @click.option("--storage", default=None, help="Optuna storage URL every worker shares (default: $ALTERNAS_STORAGE, "
               "else the study's optuna.storage, else a journal file in the study folder).")
@@ -409,8 +429,10 @@ def _study_config(study_file, name, base, data_name, data_root, subset, recipe_n
 @click.option("--trials", type=click.IntRange(min=1), default=None, help="Total trials of the study, all workers.")
 @click.option("--space", type=click.Path(dir_okay=False), default=None,
               help="Search space YAML (default search_spaces/<base>.yaml).")
-@click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random", "grid"]), default=None)
-@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None)
+@click.option("--sampler", type=click.Choice(["tpe", "nsga2", "random", "grid"]), default=None,
+              help="Optuna sampler (default tpe; nsga2 for several objectives).")
+@click.option("--pruner", type=click.Choice(["hyperband", "median", "none"]), default=None,
+              help="Optuna pruner that stops poor trials early (default hyperband; single objective only).")
 @click.option("--objectives", default=None, help="Comma-separated, e.g. acc,lambda_max,params (directions inferred).")
 @click.option("--storage", default=None, help="Optuna storage URL (default: $ALTERNAS_STORAGE, else a journal file "
               "in the study folder).")
@@ -581,8 +603,9 @@ SLOW_BENCHMARKS = ("decisions", "buildup-workers", "search")  # run only when na
 
 @main.command()
 @click.argument("which", nargs=-1, type=click.Choice(BENCHMARKS + SLOW_BENCHMARKS))
-@click.option("--device", default=None)
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--device", default=None, help=DEVICE_HELP)
+@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Speed benchmarks: alternating rounds per arm; the median is reported.")
 @click.option("--study", "study_file", default="studies/quickstart.yaml", show_default=True,
               help="decisions: the study to repeat on disjoint seed pools.")
 @click.option("--pools", type=click.IntRange(min=2), default=None,

@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from tests.helpers import run_cli as run
@@ -50,3 +51,33 @@ def test_installed_console_script_errors_are_one_line_exit_2() -> None:
     assert res.returncode == 2
     assert res.stderr.strip() == ("alternas: error: placement 'CC,CX,CM,CM': unknown block letter 'X' at character 5"
                                   " (stage 2); use C for a Conv block, M for an MSA block and ',' between stages")
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()):
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            yield from _commands(command, (*path, name))
+        else:
+            yield " ".join((*path, name)), command
+
+
+def test_every_command_and_every_visible_option_says_what_it_does() -> None:
+    """`alternas X --help` is the first documentation a user reads: no option without a help text."""
+    from alternas.cli import main
+
+    commands = dict(_commands(main))
+    assert {"buildup", "optuna", "train", "table", "bench", "export"} <= set(commands)
+    silent = [f"{name} {'/'.join(param.opts)}" for name, command in commands.items() for param in command.params
+              if isinstance(param, click.Option) and not param.hidden and not (param.help or "").strip()]
+    undocumented = [name for name, command in commands.items() if not (command.help or "").strip()]
+    assert not silent and not undocumented, (silent, undocumented)
+
+
+def test_a_command_line_search_on_a_built_in_probe_defaults_to_the_cpu_sized_base_and_recipe() -> None:
+    from alternas.search.study import study_for_command
+
+    for data in ("shapes", "textures", "cued-shapes"):
+        config = study_for_command(None, {"data.name": data})
+        assert (config.base, config.recipe.name) == ("tiny", "fast"), data
+    config = study_for_command(None, {"data.name": "cifar100"})
+    assert (config.base, config.recipe.name) == ("resnet50", "paper")

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from alternas.data.datasets import DataConfig
+from alternas.data.datasets import BUILTIN, DataConfig
 from alternas.diagnostics.run import DiagnosticsConfig, get_diagnostics
 from alternas.errors import AlternasError, ConfigError, check_types, reject_unknown_keys
 from alternas.fileio import atomic_write_text
@@ -237,7 +237,7 @@ def study_for_command(study_file: str | os.PathLike | None, overrides: dict[str,
     else:
         data = overrides.get("data.name") or "shapes"
         base = overrides.get("base")
-        builtin = data in ("shapes", "textures")
+        builtin = data in BUILTIN
         default_name = f"{data.replace(':', '-').replace('/', '-')}-{base or 'resnet50'}"
         config = study_from_dict({"name": overrides.get("name") or default_name,
                                   "base": base or ("tiny" if builtin else "resnet50"),
