@@ -87,7 +87,7 @@ def test_auto_streams_above_the_budget_and_the_cache_key_says_so(tmp_path) -> No
     assert candidate_key("CC,CC,CC,CC", shapes, shapes.recipe, 0) == candidate_key(
         "CC,CC,CC,CC", study_from_dict(small_study(tmp_path, data={"stream": "never"}), "test"), shapes.recipe, 0)
 
-    for bad, fragment in [({"stream": "always"}, "needs an imagefolder:PATH dataset"),
+    for bad, fragment in [({"stream": "always"}, "needs a dataset of image files (imagefolder:PATH, torch/flowers102"),
                           ({"stream": "sometimes"}, "data.stream must be"),
                           ({"crop_pct": 1.5}, "data.crop_pct must be in (0, 1]"),
                           ({"max_in_memory_gb": 0}, "max_in_memory_gb must be > 0")]:

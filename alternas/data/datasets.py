@@ -4,7 +4,8 @@ Names: ``cifar10``, ``cifar100`` (torchvision's download, read from the python-p
 (``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules),
 ``fashion-mnist``, ``mnist``, ``kmnist`` (the original idx files from --data-root, Debian's ``dataset-fashion-mnist``
 or torchvision's download; 28 px grey held as 32 px RGB, see ``_grey28_to_rgb32``), and the built-in ``shapes``,
-``textures`` and ``cued-shapes`` (see ``synthetic.py``). The validation split is carved from the training set
+``textures`` and ``cued-shapes`` (see ``synthetic.py``); ``torch/NAME``, timm's names for torchvision's datasets
+(``torchvision_sets.py``). The validation split is carved from the training set
 (seeded, class-balanced) so that searches never select on the test set.
 
 A split is held one of two ways. ``ImageData``: uint8 tensors in memory (the fast path: the tensor loader augments
@@ -25,6 +26,7 @@ import pickle
 import shutil
 import tempfile
 import zlib
+from collections.abc import Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader, Dataset
 
 from alternas.data import synthetic
+from alternas.data.torchvision_sets import FILE_SETS, TORCH_SETS, Files, canonical_name, read_torch_set
 from alternas.errors import DataError
 
 # timm has ImageNet's statistics but no CIFAR ones
@@ -68,7 +71,8 @@ AUGMENTATIONS = ("hflip", "rotate", "shear")
 # textures: a grating's orientation is its label, and a mirror maps θ to 180° − θ (36° <-> 144°, 72° <-> 108°);
 # RandAugment's rotations (±30°) and shears blur 36° steps.
 # mnist, kmnist: a mirrored digit or character is not the same class (or none at all); clothes mirror into clothes.
-LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear"), "mnist": ("hflip",), "kmnist": ("hflip",)}
+LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear"), "mnist": ("hflip",), "kmnist": ("hflip",),
+                  **{name: spec.label_breaking for name, spec in TORCH_SETS.items() if spec.label_breaking}}
 
 
 @dataclass
@@ -224,7 +228,9 @@ class DataConfig:
     subset: float | None = None  # int > 1: images per training set; 0 < x <= 1: fraction (class-balanced)
     val_fraction: float = 0.1
     seed: int = 0
-    image_size: int | None = None  # only for imagefolder (resize); fixed for the others
+    # image folders, the torch/ sets read as files and those not 32 px (STL-10): the size images are resized to
+    # (None: 32, CIFAR's, which every base and window fits); CIFAR, SVHN, the MNIST family and the built-ins keep 32
+    image_size: int | None = None
     label_breaking: tuple[str, ...] | None = None  # augmentations that change labels; None: the dataset's own
     # imagefolder only: evaluation resizes to image_size / crop_pct, then centre-crops (None: 0.875, the paper's)
     crop_pct: float | None = None
@@ -233,6 +239,7 @@ class DataConfig:
     max_in_memory_gb: float = 4.0  # a fixed size, not the machine's free memory: every worker decides alike
 
     def __post_init__(self) -> None:
+        self.name = canonical_name(self.name)  # torch/NAME, timm's spelling, as alternas keeps it
         if self.label_breaking is not None:
             self.label_breaking = tuple(self.label_breaking)
             unknown = sorted(set(self.label_breaking) - set(AUGMENTATIONS))
@@ -252,9 +259,9 @@ class DataConfig:
             raise DataError(f"data.stream must be auto, always or never, got {self.stream!r}")
         if not self.max_in_memory_gb > 0:
             raise DataError(f"data.max_in_memory_gb must be > 0, got {self.max_in_memory_gb}")
-        if self.stream == "always" and not self.is_imagefolder:
-            raise DataError(f"data.stream: always needs an imagefolder:PATH dataset; {self.name} is read into "
-                            "memory (use auto or never)")
+        if self.stream == "always" and not self.reads_files:
+            raise DataError(f"data.stream: always needs a dataset of image files (imagefolder:PATH, "
+                            f"{', '.join(FILE_SETS)}); {self.name} is read into memory (use auto or never)")
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -267,23 +274,29 @@ class DataConfig:
         return self.name.startswith("imagefolder:")
 
     @property
+    def reads_files(self) -> bool:
+        """Whether the images are files decoded at ``image_size`` (or streamed): an image folder or a torch/ set of
+        image files."""
+        return self.is_imagefolder or self.name in FILE_SETS
+
+    @property
     def folder_image_size(self) -> int:
-        """The size an image folder's images are resized and cropped to."""
+        """The size images of files (and in-memory sets of another size) are resized and cropped to."""
         return self.image_size or 32
 
     @property
     def eval_crop_pct(self) -> float:
         """The evaluation crop fraction of an image folder (CIFAR and the built-in sets are evaluated whole)."""
-        return self.crop_pct if self.crop_pct is not None else 0.875 if self.is_imagefolder else 1.0
+        return self.crop_pct if self.crop_pct is not None else 0.875 if self.reads_files else 1.0
 
     def streams(self) -> bool:
         """Whether the training data stays on disk: ``stream`` resolved, ``auto`` by the decoded size of what
         would be loaded (the training subset plus the test split) against ``max_in_memory_gb``."""
-        if self.stream == "never" or not self.is_imagefolder:
+        if self.stream == "never" or not self.reads_files:
             return False
         if self.stream == "always":
             return True
-        train, test = _list_imagefolder(_folder_path(self.name))[:2]  # counted from the cached listing
+        train, test = _file_splits(self)[:2]  # counted from the cached listing
         n_train = len(train) if self.subset is None else min(self._subset_count(len(train)), len(train))
         return decoded_bytes(n_train + len(test), self.folder_image_size) > self.max_in_memory_gb * 2**30
 
@@ -482,15 +495,19 @@ def _grey28_to_rgb32(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grey_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Mean and std (0-1 scale) of grey images held as RGB, per channel, from the histogram of one channel's values:
-    exact, with no float copy of the set. Computed on the padded images, which are what the model sees."""
-    counts = torch.bincount(images[:, 0].flatten(), minlength=256).double()
+def _channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std (0-1 scale) of uint8 images per channel, from each channel's histogram: exact, with no float copy
+    of the set. Computed on the images as the model sees them (grey ones padded and held as RGB)."""
     values = torch.arange(256, dtype=torch.float64) / 255
-    n = counts.sum()
-    mean = float((counts * values).sum() / n)
-    std = math.sqrt(max(float((counts * values**2).sum() / n) - mean**2, 0.0)) or 1.0  # 1: a blank set stays finite
-    return (round(mean, 4),) * 3, (round(std, 4),) * 3
+    means, stds = [], []
+    for channel in range(images.shape[1]):
+        counts = torch.bincount(images[:, channel].flatten(), minlength=256).double()
+        n = counts.sum()
+        mean = float((counts * values).sum() / n) if n else 0.5
+        std = math.sqrt(max(float((counts * values**2).sum() / n) - mean**2, 0.0)) if n else 0.0
+        means.append(round(mean, 4))
+        stds.append(round(std, 4) or 1.0)  # 1: a blank set stays finite
+    return tuple(means), tuple(stds)
 
 
 def _load_idx(name: str, root: Path) -> tuple[ImageData, ImageData, list[str]]:
@@ -558,15 +575,49 @@ def _cached_listing(path: Path, state: tuple) -> tuple[list[tuple[str, int]], li
     return listed[0], listed[1], classes
 
 
-def _imagefolder_files(cfg: DataConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
-    path = _folder_path(cfg.name)
-    train, test, classes = _list_imagefolder(path)
+def _file_splits(cfg: DataConfig) -> tuple[Sized, Sized, list[str]]:
+    """(train listing, test listing, class names) of a dataset of image files: what ``stream: auto`` counts."""
+    if cfg.is_imagefolder:
+        return _list_imagefolder(_folder_path(cfg.name))
+    train, test, classes = read_torch_set(cfg.name, data_root(cfg.root))
+    return train.paths, test.paths, classes
 
-    def files(samples: list[tuple[str, int]]) -> ImageFiles:
-        return ImageFiles(str(path), [p for p, _ in samples], torch.tensor([c for _, c in samples], dtype=torch.int64),
+
+def _image_files(cfg: DataConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
+    """An image folder's or a torch/ file set's splits as files, evaluated at ``image_size`` and ``crop_pct``."""
+
+    def files(listed: Files) -> ImageFiles:
+        return ImageFiles(str(listed.folder), listed.paths, torch.as_tensor(listed.labels, dtype=torch.int64),
                           cfg.folder_image_size, cfg.eval_crop_pct)
 
+    if cfg.is_imagefolder:
+        path = _folder_path(cfg.name)
+        train, test, classes = _list_imagefolder(path)
+        train, test = (Files(path, [p for p, _ in samples], np.array([c for _, c in samples], dtype=np.int64))
+                       for samples in (train, test))
+    else:
+        train, test, classes = read_torch_set(cfg.name, data_root(cfg.root))
     return files(train), files(test), classes
+
+
+def _at_size(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) images resized to ``size`` x ``size`` (antialiased bilinear), in chunks of bounded memory;
+    unchanged when they already are that size."""
+    if tuple(images.shape[-2:]) == (size, size):
+        return images
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), 1024):
+        chunk = images[start : start + 1024].float()
+        out[start : start + 1024] = torch.nn.functional.interpolate(
+            chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False).round().clamp(0, 255)
+    return out
+
+
+def _arrays(cfg: DataConfig) -> tuple[ImageData, ImageData, list[str]]:
+    """A torch/ set decoded whole (SVHN, STL-10), at ``image_size`` (default 32)."""
+    train, test, names = read_torch_set(cfg.name, data_root(cfg.root))
+    return (*(ImageData(_at_size(torch.from_numpy(a.images), cfg.folder_image_size), torch.from_numpy(a.labels))
+              for a in (train, test)), names)
 
 
 # -- splits --------------------------------------------------------------------------------------------------------
@@ -603,14 +654,23 @@ def load_data(config: DataConfig | str) -> DataSplits:
     elif name in _IDX_LAYOUT:
         train, test, names = _load_idx(name, data_root(cfg.root))
         num_classes = len(names)
-        mean, std = _grey_stats(train.images)  # of the whole training set: the same for every subset and seed
-    elif cfg.is_imagefolder:
-        train, test, names = _imagefolder_files(cfg)
+        mean, std = _channel_stats(train.images)  # of the whole training set: the same for every subset and seed
+    elif cfg.reads_files:
+        train, test, names = _image_files(cfg)
         num_classes = len(names)
         mean, std = IMAGENET_STATS
+    elif name in TORCH_SETS:
+        train, test, names = _arrays(cfg)
+        num_classes = len(names)
+        mean, std = _channel_stats(train.images)  # of the whole training set: the same for every subset and seed
     else:
         raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, mnist, kmnist, "
-                        "shapes, textures, cued-shapes or imagefolder:PATH")
+                        f"{', '.join(TORCH_SETS)} (or any torch/NAME timm knows), shapes, textures, cued-shapes "
+                        "or imagefolder:PATH")
+    for split, held in (("training", train), ("test", test)):
+        if len(held) and not 0 <= int(held.labels.min()) <= int(held.labels.max()) < num_classes:
+            raise DataError(f"{name}: the {split} split has label {int(held.labels.max())} outside 0-{num_classes - 1} "
+                            f"({num_classes} classes); replace the dataset's files with the released ones")
 
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.subset is not None:

@@ -140,7 +140,7 @@ def training_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
         data["label_breaking"] = list(config.data.breaks_labels)
     for knob in ("crop_pct", "stream", "max_in_memory_gb"):  # what they resolve to, where it changes the outcome
         data.pop(knob)
-    if config.data.is_imagefolder:
+    if config.data.reads_files:
         data["eval_crop_pct"] = config.data.eval_crop_pct
         if config.data.streams():  # transforms on the original images: another experiment than pre-cropped ones
             data["streamed"] = True
