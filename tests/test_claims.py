@@ -227,8 +227,8 @@ def test_seed_interval_is_a_student_t_over_seeds() -> None:
 def test_every_claim_has_the_documented_fields() -> None:
     claims = check_claims(_filter_runs("msa", "conv"), [], [], [], 0.9)
     assert [c.claim for c in claims] == ["msa_low_pass", "msa_reduce_variance", "msa_flatten_loss",
-                                         "alternet_noise_robust", "msa_matter_at_stage_end",
-                                         "diagnostics_predict_gains"]
+                                         "alternet_noise_robust", "alternet_corruption_robust",
+                                         "msa_matter_at_stage_end", "diagnostics_predict_gains"]
     for c in claims:
         out = c.to_dict()
         assert {"claim", "paper", "measured", "verdict", "method"} <= set(out)
@@ -239,7 +239,8 @@ def test_every_claim_has_the_documented_fields() -> None:
 
 def test_claims_command_on_a_finished_build_up(tmp_path) -> None:
     raw = small_study(tmp_path, seeds=[0, 1], diagnostics={"noise": True, "noise_images": 60, "lesion": True,
-                                                           "lesion_images": 60})
+                                                           "lesion_images": 60, "corruptions": True,
+                                                           "corruption_images": 24, "severities": [1, 5]})
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     res = run_cli("buildup", "--study", str(path))
@@ -250,21 +251,25 @@ def test_claims_command_on_a_finished_build_up(tmp_path) -> None:
     lines = table.stdout.splitlines()
     assert lines[0].split()[:3] == ["claim", "paper", "measured"] and "verdict" in lines[0]
     for title in ("MSAs are low-pass", "MSAs suppress large Hessian eigenvalues", "AlterNets withstand",
-                  "MSAs matter at the end of a stage", "The diagnostics predict"):
+                  "AlterNets are more robust", "MSAs matter at the end of a stage", "The diagnostics predict"):
         assert any(line.startswith(title) for line in lines), title
     as_json = run_cli("claims", str(root), "--json")
     assert as_json.returncode == 0, as_json.stderr
     claims = json.loads(as_json.stdout)
     assert claims == json.loads((root / "claims.json").read_text())
     by_id = {c["claim"]: c for c in claims}
-    assert len(by_id) == 6 and all(c["verdict"] in ("holds", "contradicted", "inconclusive") for c in claims)
+    assert len(by_id) == 7 and all(c["verdict"] in ("holds", "contradicted", "inconclusive") for c in claims)
     noise = by_id["alternet_noise_robust"]["measured"]
     assert noise["effect"]["n"] == 2 and noise["images"] == 60 and "missing" not in noise
+    corrupted = by_id["alternet_corruption_robust"]["measured"]  # paired by seed, on generated corruptions
+    assert corrupted["effect"]["n"] == 2 and corrupted["source"].startswith("generated (albumentations")
+    assert 0 <= corrupted["start_robustness"]["mean"] <= 100 and "missing" not in corrupted
     assert by_id["msa_flatten_loss"]["measured"]["effect"]["n"] == 2
     assert by_id["msa_matter_at_stage_end"]["measured"]["runs"] >= 2
     page = (root / "report.html").read_text()
     assert "The paper&#x27;s claims on this study" in page or "The paper's claims on this study" in page
-    shown = assert_report_renders(root / "report.html", min_figures=6)
+    assert "Accuracy vs robustness (generated (albumentations" in page  # the paper's §4.1 figure
+    shown = assert_report_renders(root / "report.html", min_figures=7)
     if shown is not None:  # None: no browser here (outside CI), only the browser checks are left out
         assert any(f["traces"] >= 4 for f in shown.figures)  # the claims figure: a marker per measured claim
     runs = sorted(p.parent for p in (root / "candidates").glob("*/evidence.npz"))

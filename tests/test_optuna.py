@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -181,6 +182,8 @@ def test_optuna_cli_errors(tmp_path) -> None:
     path.write_text(yaml.safe_dump(_study(tmp_path)))
     res = run_cli("optuna", "--study", str(path), "--objectives", "acc,speed")
     assert res.returncode == 2 and "unknown objective 'speed'" in res.stderr
+    res = run_cli("optuna", "--study", str(path), "--objectives", "acc,robustness")
+    assert res.returncode == 2 and "needs diagnostics.corruptions: true" in res.stderr, res.stderr
     res = run_cli("optuna", "--study", str(path), "--storage", "postgresql://u:topsecret@127.0.0.1:1/none")
     assert res.returncode == 2 and "topsecret" not in res.stderr + res.stdout
 
@@ -205,6 +208,19 @@ def test_multi_objective_pareto_front_and_export_rule(tmp_path) -> None:
     page = (Path(root) / "report.html").read_text()
     assert "Pareto" in page and "MSA placement among the top" in page
     assert_report_renders(Path(root) / "report.html", min_figures=7)  # Pareto, parallel coords x2, heat map, ...
+
+
+def test_robustness_on_corrupted_images_is_an_objective(tmp_path) -> None:
+    raw = _study(tmp_path, trials=2, objectives=["acc", "robustness"], sampler="random")
+    raw["diagnostics"] = {"hessian": False, "fourier": False, "corruptions": True, "corruption_images": 16,
+                          "severities": [3]}
+    study = run_optuna(study_from_dict(raw), quiet=True, log=lambda _: None)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and study.directions[1] == optuna.study.StudyDirection.MAXIMIZE
+    for trial in complete:
+        assert trial.values[1] == pytest.approx(trial.user_attrs["robustness"]) and 0 <= trial.values[1] <= 100
+    rows = pd.read_csv(tmp_path / "study" / "results.csv")
+    assert rows["robustness_source"].str.startswith("generated (albumentations").all()
 
 
 def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:

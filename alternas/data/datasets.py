@@ -325,6 +325,7 @@ class DataSplits:
     class_names: list[str] = field(default_factory=list)
     selects_on: str = "val"  # "test" when val_fraction is 0: ``val`` is then the test split itself
     label_breaking: tuple[str, ...] = ()  # augmentations that change labels (see ``AUGMENTATIONS``)
+    root: str | None = None  # the data root the files came from (where released corrupted sets sit beside them)
 
     def allows(self, augmentation: str) -> bool:
         """Whether ``augmentation`` keeps this dataset's labels (recipes skip the ones that do not)."""
@@ -684,5 +685,5 @@ def load_data(config: DataConfig | str) -> DataSplits:
         train, test = train.load(crop_pct=1.0), test.load()
         val = val.load() if selects_on == "val" else test
     return DataSplits(name, train, val, test, num_classes, mean, std, names, selects_on=selects_on,
-                      label_breaking=cfg.breaks_labels)
+                      label_breaking=cfg.breaks_labels, root=None if name in BUILTIN else str(data_root(cfg.root)))
 

@@ -16,6 +16,7 @@ from alternas.data.augment import eval_batches, make_train_batches
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader
 from alternas.diagnostics import figures
+from alternas.diagnostics.corruptions import corrupted_for, corruption_robustness
 from alternas.diagnostics.features import feature_profile, stage_end_delta_high
 from alternas.diagnostics.hessian import hessian_spectrum, hutchinson_trace
 from alternas.diagnostics.landscape import loss_landscape
@@ -55,6 +56,10 @@ class DiagnosticsConfig:
     landscape_grid: int = 7
     landscape_batches: int = 1
     trace_samples: int = 10
+    # accuracy on corrupted images (PAPER.md §4.1): the released CIFAR-C files beside CIFAR, else generated ones
+    corruptions: bool = False
+    corruption_images: int = 200  # per corruption and severity
+    severities: tuple[int, ...] = (1, 2, 3, 4, 5)
     cka: bool = False  # linear CKA between the outputs of every pair of units (PAPER.md §7)
     cka_batches: int = 4
     cka_batch_size: int = 64
@@ -72,12 +77,19 @@ class DiagnosticsConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")
         object.__setattr__(self, "at_epochs", tuple(self.at_epochs))
+        object.__setattr__(self, "severities", tuple(self.severities))
+        if not self.severities or any(s not in (1, 2, 3, 4, 5) for s in self.severities) or \
+                len(set(self.severities)) != len(self.severities):
+            raise ConfigError(f"diagnostics.severities must list distinct severities 1-5, got {list(self.severities)}")
+        if self.corruption_images < 1:
+            raise ConfigError(f"diagnostics.corruption_images must be >= 1, got {self.corruption_images}")
         if any(e != "warmup" and (not isinstance(e, int) or e < 1) for e in self.at_epochs):
             raise ConfigError(f"diagnostics.at_epochs must list epochs >= 1 or 'warmup', got {list(self.at_epochs)}")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["at_epochs"] = list(self.at_epochs)
+        out["severities"] = list(self.severities)
         return out
 
     def epochs_for(self, recipe: Recipe) -> list[int]:
@@ -153,7 +165,8 @@ def diagnose(
 ) -> dict[str, Any]:
     """Run the diagnostics ``config`` selects on a trained ``model``; returns (and writes) ``diagnostics.json``.
 
-    Summary keys a search records: ``lambda_max``, ``nep``, ``ape``, ``delta_high`` (per stage end).
+    Summary keys a search records: ``lambda_max``, ``nep``, ``ape``, ``delta_high`` (per stage end), ``robustness``
+    (mean accuracy on corrupted images, with ``corruptions.source`` saying which images).
     """
     device = next(model.parameters()).device
     wd = recipe.weight_decay if config.l2 else 0.0
@@ -194,6 +207,14 @@ def diagnose(
         out["timings"]["noise"] = time.perf_counter() - t0
     if config.lesion:
         out["lesion"] = lesion_study(model, eval_loader)
+    if config.corruptions:
+        t0 = time.perf_counter()
+        first = val_images.take(torch.arange(min(config.corruption_images, len(val_images)))).load()
+        corrupted = corrupted_for(data.name, Path(data.root) if data.root else None, first,
+                                  config.corruption_images, config.severities, config.seed)
+        out["corruptions"] = corruption_robustness(model, corrupted, data.mean, data.std, device)
+        out["robustness"] = out["corruptions"]["robustness"]
+        out["timings"]["corruptions"] = time.perf_counter() - t0
     if config.cka:
         t0 = time.perf_counter()
         count = min(config.cka_batches * config.cka_batch_size, len(val_images))

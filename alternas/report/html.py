@@ -20,9 +20,9 @@ from alternas.errors import AlternasError, ConfigError
 from alternas.placement import Placement
 from alternas.search.study import StudyFolder
 
-_TABLE_COLUMNS = ["placement", "num_msa", "seed", "status", "val_acc", "test_acc", "val_nll", "val_ece", "lambda_max",
-                  "nep", "ape", "delta_high_c1", "delta_high_c2", "delta_high_c3", "delta_high_c4", "params", "flops",
-                  "images_per_s", "epochs", "epochs_trained", "wall_time", "key"]
+_TABLE_COLUMNS = ["placement", "num_msa", "seed", "status", "val_acc", "test_acc", "val_nll", "val_ece", "robustness",
+                  "lambda_max", "nep", "ape", "delta_high_c1", "delta_high_c2", "delta_high_c3", "delta_high_c4",
+                  "params", "flops", "images_per_s", "epochs", "epochs_trained", "wall_time", "key"]
 
 
 def trajectory_figure(steps: list[dict]) -> go.Figure:
@@ -50,6 +50,52 @@ def trajectory_figure(steps: list[dict]) -> go.Figure:
                              name="rejected"))
     fig.update_layout(title="Build-up trajectory", xaxis_title="number of MSA blocks",
                       yaxis_title="validation accuracy (%)", height=460, xaxis={"dtick": 1})
+    return fig
+
+
+def _mean_interval(values: pd.Series, confidence: float) -> tuple[float, float]:
+    """Mean and the half-width of its Student-t interval over seeds (0 with one seed)."""
+    from scipy import stats
+
+    n = len(values)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+    return float(values.mean()), half
+
+
+def robustness_figure(results: pd.DataFrame, steps: list[dict], best: str, confidence: float) -> go.Figure | None:
+    """The paper's §4.1 figure: validation accuracy against robustness (mean accuracy on corrupted images), one point
+    per placement (mean over its seeds, t-intervals at ``confidence``), the build-up's accepted path through it, the
+    start and the final marked. None when no run was scored on corrupted images."""
+    done = results[(results["status"] == "completed") & results["robustness"].notna()] \
+        if "robustness" in results.columns else results.iloc[:0]
+    if done.empty:
+        return None
+    points = {}
+    for placement, runs in done.groupby("placement", sort=False):
+        (acc, acc_half), (rob, rob_half) = (_mean_interval(runs[c], confidence) for c in ("val_acc", "robustness"))
+        points[placement] = (acc, acc_half, rob, rob_half, len(runs))
+    fig = go.Figure(go.Scatter(
+        x=[p[0] for p in points.values()], y=[p[2] for p in points.values()], mode="markers+text", name="placements",
+        text=[Placement.parse(k).describe() for k in points], textposition="bottom right", textfont={"size": 10},
+        error_x={"type": "data", "array": [p[1] for p in points.values()]},
+        error_y={"type": "data", "array": [p[3] for p in points.values()]}, marker={"size": 9, "color": "#7f7f7f"},
+        hovertext=[f"{k} ({v[4]} seeds)" for k, v in points.items()], hoverinfo="text+x+y"))
+    path = [s["placement"] for s in steps if s["decision"] in ("start", "accept") and s["placement"] in points]
+    if path:
+        fig.add_trace(go.Scatter(x=[points[p][0] for p in path], y=[points[p][2] for p in path], mode="lines",
+                                 name="build-up path", line={"color": "#1f4e9a", "width": 2}))
+    start = steps[0]["placement"]
+    marked = [("start = final", start, "star")] if start == best else [("start", start, "star"),
+                                                                        ("final", best, "diamond")]
+    for label, placement, symbol in marked:
+        if placement in points:
+            fig.add_trace(go.Scatter(x=[points[placement][0]], y=[points[placement][2]], mode="markers+text",
+                                     name=f"{label} {placement}", text=[label], textposition="top center",
+                                     marker={"symbol": symbol, "size": 16, "color": "#1f4e9a"}))
+    source = ", ".join(sorted(done["robustness_source"].dropna().unique())) if "robustness_source" in done else ""
+    fig.update_layout(title=f"Accuracy vs robustness ({source}; {round(confidence * 100)}% intervals over seeds)",
+                      xaxis_title="validation accuracy (%)", yaxis_title="mean accuracy on corrupted images (%)",
+                      height=480)
     return fig
 
 
@@ -107,11 +153,16 @@ def _diagnostics_of(study_dir: Path, keys: list[str]) -> dict | None:
     return None
 
 
-def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
+def _results_frame(study_dir: Path) -> pd.DataFrame | None:
+    """``results.csv`` as a table (None before any candidate finished)."""
     path = study_dir / "results.csv"
-    if not path.is_file() or path.stat().st_size == 0:
+    return pd.read_csv(path) if path.is_file() and path.stat().st_size else None
+
+
+def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
+    frame = _results_frame(study_dir)
+    if frame is None:
         return "<p>No candidates evaluated yet.</p>", None
-    frame = pd.read_csv(path)
     trajectory = _read(study_dir / "trajectory.json") or {}
     unused = set(trajectory.get("speculative_unused", []))
     if unused:  # trained ahead by an idle build-up worker, and no decision needed it
@@ -284,6 +335,11 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
         if any(s.get("gain_ci") for s in steps):
             figures.append(gain_figure(steps, trajectory.get("min_gain", 0.0), trajectory.get("confidence", 0.9)))
         best = trajectory["best"]
+        results = _results_frame(study_dir)
+        robust = None if results is None else robustness_figure(results, steps, best,
+                                                                trajectory.get("confidence", 0.9))
+        if robust is not None:
+            figures.append(robust)
         figures.append(placement_figure(best, "Chosen architecture"))
         start = steps[0]
         best_step = next((s for s in steps if s["placement"] == best), start)

@@ -70,6 +70,8 @@ class CandidateResult:
     lambda_max: float | None = None
     nep: float | None = None
     ape: float | None = None
+    robustness: float | None = None  # mean accuracy (%) on corrupted images
+    robustness_source: str | None = None  # which: released CIFAR-C files or generated corruptions (never mixed)
     delta_high: dict[str, float] = field(default_factory=dict)
     params: int = 0
     flops: int = 0
@@ -166,6 +168,9 @@ def diagnostics_fingerprint(config: StudyConfig) -> str:
     re-diagnosed from its saved weights (no retraining) instead of being reported as if comparable."""
     settings = config.diagnostics.to_dict()
     settings.pop("at_epochs")  # measured during training, not on the final weights
+    if not settings["corruptions"]:  # off: the fingerprint of studies from before these keys existed
+        for key in ("corruptions", "corruption_images", "severities"):
+            settings.pop(key)
     return content_digest(settings)
 
 
@@ -332,15 +337,17 @@ class Evaluator:
     def _diagnose(self, model: torch.nn.Module, recipe: Recipe, result: CandidateResult) -> None:
         """Measure the study's diagnostics on the trained ``model`` into ``result``."""
         cfg = self.config
-        result.lambda_max = result.nep = result.ape = None
+        result.lambda_max = result.nep = result.ape = result.robustness = result.robustness_source = None
         result.delta_high = {}
-        if cfg.diagnostics.hessian or cfg.diagnostics.fourier:
+        if cfg.diagnostics.hessian or cfg.diagnostics.fourier or cfg.diagnostics.corruptions:
             fault_point("diagnostics")
             t0 = time.perf_counter()
             model.to(pick_device(cfg.device))
             diag = diagnose(model, self.data, recipe, cfg.diagnostics, out_dir=Path(result.run_dir) / "diagnostics",
                             label=result.placement)
             result.lambda_max, result.nep, result.ape = diag.get("lambda_max"), diag.get("nep"), diag.get("ape")
+            result.robustness = diag.get("robustness")
+            result.robustness_source = (diag.get("corruptions") or {}).get("source")
             result.delta_high = diag.get("delta_high", {})
             result.wall_time += time.perf_counter() - t0
         result.diagnostics = diagnostics_fingerprint(cfg)
@@ -396,6 +403,26 @@ class Evaluator:
         if lost:
             self.write_table()
         return len(lost)
+
+    def refresh_diagnostics(self, recorded: Iterable[CandidateResult]) -> int:
+        """Measure again, from their saved weights, the finished runs of this folder whose diagnostics were taken with
+        other settings than the study's now (a search resumed with ``corruptions`` turned on, say): a search reads
+        finished evaluations from its storage without asking the evaluator, so without this its report and claims
+        would mix runs measured two ways. Returns how many were measured again (none is retrained)."""
+        stale = [r.key for r in recorded if r.status == "completed"]
+        count = 0
+        for key in stale:
+            hit = self.cached(key)
+            if hit is None or self._diagnosed(hit):
+                continue
+            with self._candidate_lock(key):
+                hit = self.cached(key)
+                if hit is not None and not self._diagnosed(hit):
+                    self._rediagnose(hit, self.warm_recipe() if hit.parent else self.config.recipe)
+                    count += 1
+        if count:
+            self.write_table()
+        return count
 
     def write_table(self) -> Path:
         """``results.csv``: one row per candidate, rebuilt from the per-candidate files under a lock, so a worker

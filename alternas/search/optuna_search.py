@@ -38,6 +38,7 @@ OBJECTIVES: dict[str, tuple[str, str]] = {
     "lambda_max": ("lambda_max", "minimize"),
     "nep": ("nep", "minimize"),
     "ape": ("ape", "minimize"),
+    "robustness": ("robustness", "maximize"),
     "params": ("params", "minimize"),
     "flops": ("flops", "minimize"),
 }
@@ -103,6 +104,9 @@ def run_optuna(
         if name in HESSIAN_OBJECTIVES and not config.diagnostics.hessian:
             raise ConfigError(f"objective {name!r} needs the Hessian diagnostics, but diagnostics.hessian is false; "
                               "turn it on or choose another objective")
+        if name == "robustness" and not config.diagnostics.corruptions:
+            raise ConfigError("objective 'robustness' needs diagnostics.corruptions: true (accuracy on corrupted "
+                              "images); turn it on or choose another objective")
     space = load_space(oc.space or default_space_path(config.base))
     if space.base.split("@")[0] != config.base.split("@")[0]:
         raise ConfigError(f"{space.source} is a space over base {space.base!r} but the study's base is "
@@ -226,7 +230,8 @@ class _Objective:
             values = [getattr(r, attr) for r in done if getattr(r, attr) is not None]
             return statistics.fmean(values) if values else None
 
-        for attr in ("val_acc", "val_nll", "val_ece", "test_acc", "lambda_max", "nep", "ape", "images_per_s"):
+        for attr in ("val_acc", "val_nll", "val_ece", "test_acc", "lambda_max", "nep", "ape", "robustness",
+                     "images_per_s"):
             trial.set_user_attr(attr, mean(attr))
         trial.set_user_attr("params", runs[0].params)
         trial.set_user_attr("flops", runs[0].flops)
