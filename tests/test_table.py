@@ -106,12 +106,17 @@ def test_each_comparison_borrows_the_seed_variance_of_the_study_s_earlier_ones()
         looks = [line for line in lines if "P(gain >" in line]
         first = [line for line in looks if "pooled" not in line]
         if not pooled:
-            assert first == looks
+            assert first == looks and all(s.borrowed_seed_variance is None for s in steps)
             continue
         assert looks[: len(first)] == first and len(first) < len(looks)  # only the first comparison decides alone
         used = [len(s.seeds_used) - 1 for s in steps[1:]]
         for earlier in range(1, len(used)):  # the (earlier + 1)-th comparison borrowed the df of those before it
             assert any(f"pooled with {sum(used[:earlier])} df" in line for line in looks), (used, looks)
+        # and the trajectory records it: [variance, df] per decided step, none for the start and the first child
+        assert steps[0].borrowed_seed_variance is None and steps[1].borrowed_seed_variance is None
+        for step, earlier in zip(steps[2:], range(1, len(used))):
+            variance, df = step.borrowed_seed_variance
+            assert df == min(sum(used[:earlier]), 6) and variance >= 0, (step, used)
 
 
 def test_an_incomplete_table_is_refused_and_pools_are_distinct() -> None:

@@ -73,6 +73,8 @@ class Step:
     p_gain: float | None = None  # P(true gain > min_gain); a screened step: P(gain > 0) at the screen
     seeds_used: list[int] = field(default_factory=list)
     decided_by: str | None = None  # confidence | seed budget | screen | failure | threshold (given scores only)
+    # the study's seed component the decision borrowed: [variance in pp², degrees of freedom] (None: decided alone)
+    borrowed_seed_variance: list[float] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,12 @@ class Verdict:
     gain: float | None = None
     gain_ci: tuple[float, float] | None = None
     p_gain: float | None = None
+    borrowed: SeedVariance | None = None
 
     @classmethod
     def from_comparison(cls, c: Comparison | None, accepted: bool, decided_by: str) -> Verdict:
-        return cls(accepted, decided_by) if c is None else cls(accepted, decided_by, c.gain, c.bounds, c.p_gain)
+        return cls(accepted, decided_by) if c is None else cls(accepted, decided_by, c.gain, c.bounds, c.p_gain,
+                                                               c.borrowed)
 
 
 class BuildupPolicy:
@@ -165,7 +169,8 @@ class BuildupPolicy:
                     None if stage is None else stage + 1, placement.num_msa, score, score_sd, gain, decision,
                     str(self.best), incumbent if parent is not None else None,
                     list(verdict.gain_ci) if verdict and verdict.gain_ci else None,
-                    verdict.p_gain if verdict else None, list(seeds_used), verdict.decided_by if verdict else None)
+                    verdict.p_gain if verdict else None, list(seeds_used), verdict.decided_by if verdict else None,
+                    [verdict.borrowed.variance, verdict.borrowed.df] if verdict and verdict.borrowed else None)
         self.steps.append(step)
         return step
 
