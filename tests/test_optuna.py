@@ -20,7 +20,7 @@ from alternas.search.optuna_search import load_optuna_study, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
 from alternas.search.storage import redact
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate, postgres_url, run_cli
+from tests.helpers import kill_mid_candidate, postgres_url, run_cli, write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,6 +186,35 @@ def test_optuna_cli_errors(tmp_path) -> None:
     assert res.returncode == 2 and "needs diagnostics.corruptions: true" in res.stderr, res.stderr
     res = run_cli("optuna", "--study", str(path), "--storage", "postgresql://u:topsecret@127.0.0.1:1/none")
     assert res.returncode == 2 and "topsecret" not in res.stderr + res.stdout
+
+
+def test_a_user_error_inside_a_trial_is_one_line_and_stops_the_study(tmp_path) -> None:
+    """An image that cannot be read is only met when a trial trains on it: the trial fails without Optuna's logged
+    traceback, the study stops, and the command says what to fix in one line (exit 2)."""
+    write_imagefolder(tmp_path / "ds", classes=2, per_class=6, ext="jpg")
+    bad = sorted((tmp_path / "ds" / "train").rglob("*.jpg"))[0]
+    bad.write_bytes(b"not a jpeg")
+    raw = _study(tmp_path, trials=3)
+    raw["data"] = {"name": f"imagefolder:{tmp_path / 'ds'}", "stream": "always", "val_fraction": 0.25}
+    raw["recipe"] = {**raw["recipe"], "batch_size": 4, "workers": 0}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    res = run_cli("optuna", "--study", str(path), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip().splitlines() == [f"alternas: error: cannot read image {bad} (UnidentifiedImageError); "
+                                               "replace or remove the file"], res.stderr
+    study = load_optuna_study(study_from_dict(raw))
+    states = [t.state for t in study.trials]  # the enqueued known placements still wait
+    assert states[0] == TrialState.FAIL and states.count(TrialState.FAIL) == 1 and TrialState.RUNNING not in states
+    assert "cannot read image" in study.trials[0].user_attrs["error"]
+    raw["recipe"]["batch_size"] = 64  # more than the 9 training images: said before any trial is created
+    raw["output"] = str(tmp_path / "other")
+    path.write_text(yaml.safe_dump(raw))
+    res = run_cli("optuna", "--study", str(path), "--quiet")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "alternas: error: the training set has 9 images, fewer than recipe.batch_size 64; lower the batch size or "
+        "use more data"], res.stderr
+    assert not (tmp_path / "other" / "optuna.journal").exists()
 
 
 def test_multi_objective_pareto_front_and_export_rule(tmp_path) -> None:

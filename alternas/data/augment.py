@@ -18,9 +18,18 @@ if TYPE_CHECKING:  # alternas.train imports this module
     from alternas.train.recipe import Recipe
 
 
+def check_full_batch(data: DataSplits, recipe: Recipe, world: int = 1) -> None:
+    """One line when the training set gives no full batch: loaders drop the last incomplete one (a one-image batch
+    would be empty after Mixup's even trim, and BatchNorm statistics of a handful of images are noise)."""
+    if len(data.train) // world < recipe.batch_size:
+        per_rank = f" per process ({world} processes)" if world > 1 else ""
+        raise ConfigError(f"the training set has {len(data.train) // world} images{per_rank}, fewer than "
+                          f"recipe.batch_size {recipe.batch_size}; lower the batch size or use more data")
+
+
 def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, seed: int, rank: int, world: int):
-    """The recipe's training batches: full batches only (a one-image last batch would be empty after Mixup's
-    even trim, and BatchNorm statistics of a handful of images are noise), as many on every rank."""
+    """The recipe's training batches: full batches only (``check_full_batch``), as many on every rank."""
+    check_full_batch(data, recipe, world)
     if recipe.uses_pil_pipeline or data.streamed:
         batches = pil_loader(data.train, build_train_transform(recipe, data), recipe.batch_size, shuffle=True,
                              workers=recipe.workers, seed=seed, rank=rank, world=world, drop_last=True)
@@ -29,10 +38,6 @@ def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, s
                                shuffle=True, crop_padding=recipe.crop_padding if recipe.crop == "pad" else 0,
                                flip=recipe.flip and data.allows("hflip"), drop_last=True, seed=seed, rank=rank,
                                world=world)
-    if len(batches) == 0:
-        per_rank = f" per process ({world} processes)" if world > 1 else ""
-        raise ConfigError(f"the training set has {len(data.train) // world} images{per_rank}, fewer than "
-                          f"recipe.batch_size {recipe.batch_size}; lower the batch size or use more data")
     return batches
 
 

@@ -22,8 +22,9 @@ from typing import get_args
 import optuna
 from optuna.trial import TrialState
 
+from alternas.data.augment import check_full_batch
 from alternas.data.datasets import DataSplits, load_data
-from alternas.errors import ConfigError, PlacementError
+from alternas.errors import AlternasError, ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
@@ -113,6 +114,7 @@ def run_optuna(
                           f"{config.base!r}; pass --base {space.base} or another --space")
     # the data is loaded (a missing dataset is one line) before the storage holds any trial of this run
     data = load_data(config.data)
+    check_full_batch(data, config.recipe)
     multi = len(names) > 1
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     directions = [OBJECTIVES[n][1] for n in names]
@@ -143,6 +145,9 @@ def run_optuna(
         # a crashed trial fails without counting and is queued again: room for CRASH_RETRIES of them in this run
         study.optimize(objective, n_trials=remaining + CRASH_RETRIES, catch=(),
                        callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
+        if objective.stopped_by is not None:
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
+            raise objective.stopped_by
     Evaluator(config).write_table()  # whole even if a killed worker left it one row behind its result files
     return study
 
@@ -156,8 +161,21 @@ class _Objective:
         self.quiet, self.retry_failed = quiet, retry_failed
         self.gate_epoch = max(1, config.recipe.total_epochs // 3)
         self.data = data  # trials vary the base and window, never the data: decoded once, before the first trial
+        self.stopped_by: AlternasError | None = None  # a user error met inside a trial: the run stops on it
 
     def __call__(self, trial: optuna.Trial) -> float | list[float]:
+        """The trial's score; a user error (an unreadable image, a value only training can check) fails the trial
+        without Optuna's logged traceback and stops the study, and ``run_optuna`` says it in one line."""
+        try:
+            return self._run(trial)
+        except AlternasError as err:
+            trial.set_user_attr("error", str(err))
+            self.stopped_by = err
+            trial.study.stop()
+            optuna.logging.set_verbosity(optuna.logging.ERROR)  # not "Trial N failed with value nan" as well
+            return [math.nan] * len(self.names) if self.multi else math.nan
+
+    def _run(self, trial: optuna.Trial) -> float | list[float]:
         for key, value in worker_attrs().items():
             trial.set_user_attr(key, value)
         try:
