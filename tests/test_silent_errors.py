@@ -390,6 +390,33 @@ def test_the_heartbeat_outlives_a_storage_error_and_says_so_once(tmp_path) -> No
     assert any("recovered" in line for line in lines), lines
 
 
+def test_optuna_s_own_heartbeat_thread_outlives_a_storage_error(tmp_path, capfd) -> None:
+    """study.optimize beats from a thread of Optuna's that has no exception handling: a database locked for longer
+    than SQLite's busy timeout used to end it (the thread died on the StorageInternalError and never beat again),
+    leaving the live trial to go stale; now the failure is said once and the thread's next beat recovers."""
+    import sqlite3
+    import time
+
+    db = tmp_path / "rdb.sqlite3"
+    storage = open_storage(tmp_path, f"sqlite:///{db}", heartbeat_s=1, grace_period_s=60)
+    study = optuna.create_study(study_name="t", storage=storage)
+
+    def objective(trial: optuna.Trial) -> float:
+        lock = sqlite3.connect(db, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        time.sleep(7)  # longer than SQLite's 5 s busy timeout: at least one beat fails
+        lock.execute("ROLLBACK")
+        lock.close()
+        time.sleep(2.5)  # beats again
+        return 1.0
+
+    study.optimize(objective, n_trials=1)
+    err = capfd.readouterr().err
+    assert "Exception in thread" not in err and "Traceback" not in err, err
+    assert err.count("heartbeat of trial") >= 2 and err.count("failed") == 1 and "recovered" in err, err
+    assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
+
+
 def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp_path) -> None:
     """Its settings carry no pool_seed_variance: it decided without pooling, so resuming it with pooling (the
     default now) would replay other decisions: refused, naming the key; without pooling it resumes."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -53,9 +54,8 @@ def open_storage(folder: Path, url: str | None = None, configured: str | None = 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_s,
-                                                      grace_period=grace_period_s,
-                                                      heartbeat_stale_trial_callback=retry(max_retry=3))
+                    return SteadyRDBStorage(url, heartbeat_interval=heartbeat_s, grace_period=grace_period_s,
+                                            heartbeat_stale_trial_callback=retry(max_retry=3))
             except ImportError as err:
                 raise ConfigError(f"cannot open Optuna storage {redact(url)}: {err} (pip install "
                                   "'alternas[postgres]' for PostgreSQL)") from None
@@ -133,6 +133,36 @@ def process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
 
 
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {redact(str(err)).splitlines()[0] if str(err) else ''}"
+
+
+class SteadyRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage whose heartbeats outlive a transient database error (a dropped connection, a restart, a
+    lock held too long). ``study.optimize`` beats from a thread of Optuna's own that has no exception handling: one
+    error would end it, and after the grace period another worker would fail the live trial and train it twice.
+    Here a failed beat is said once per failing spell on stderr and the thread's next beat tries again."""
+
+    _failing: bool = False
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            self.record_heartbeat_or_raise(trial_id)
+        except Exception as err:  # noqa: BLE001 - any storage error: the next beat retries
+            if not self._failing:
+                print(f"alternas: heartbeat of trial {trial_id} failed ({_first_line(err)}); the next beat retries",
+                      file=sys.stderr, flush=True)
+            self._failing = True
+        else:
+            if self._failing:
+                print(f"alternas: heartbeat of trial {trial_id} recovered", file=sys.stderr, flush=True)
+            self._failing = False
+
+    def record_heartbeat_or_raise(self, trial_id: int) -> None:
+        """One beat, its error raised (alternas' own ``Heartbeat`` retries sooner than Optuna's thread does)."""
+        super().record_heartbeat(trial_id)
+
+
 class Heartbeat:
     """Records a trial's heartbeat every ``interval`` seconds while training runs outside ``study.optimize`` (which
     would do it itself), so that an RDB storage fails the trial only when its worker is really gone."""
@@ -155,11 +185,10 @@ class Heartbeat:
         wait, failing = 0.0, False
         while not self._stop.wait(wait):
             try:
-                self.storage.record_heartbeat(self.trial_id)
+                getattr(self.storage, "record_heartbeat_or_raise", self.storage.record_heartbeat)(self.trial_id)
             except Exception as err:  # noqa: BLE001 - any storage error: keep beating
                 if not failing:
-                    self.log(f"heartbeat of trial {self.trial_id} failed ({type(err).__name__}: "
-                             f"{redact(str(err)).splitlines()[0] if str(err) else ''}); retrying")
+                    self.log(f"heartbeat of trial {self.trial_id} failed ({_first_line(err)}); retrying")
                 failing, wait = True, min(self.interval, 1.0 if not failing else wait * 2)
             else:
                 if failing:
