@@ -45,9 +45,9 @@ def main() -> None:
 # Help texts of options that several commands share (a study file's value wins where the option is not given).
 BASE_HELP = "Base network: resnet18/34/50/101/152 or a CPU-sized tiny/small (see `alternas bases`)."
 WINDOW_HELP = "MSA window; default 4 for images <= 64 px, else 7."
-DATA_HELP = ("cifar10, cifar100, fashion-mnist, mnist, kmnist, torch/NAME (timm's names: torch/svhn, torch/stl10, "
-             "torch/flowers102, torch/dtd, torch/oxford_iiit_pet, torch/food101, ...), shapes, textures, cued-shapes "
-             "or imagefolder:PATH.")
+DATA_HELP = ("cifar10, cifar100, fashion-mnist, mnist, kmnist, torch/NAME (timm's prefix: torch/cifar10 ... and "
+             "torch/svhn, torch/stl10, torch/flowers102, torch/dtd, torch/oxford_iiit_pet, torch/food101), shapes, "
+             "textures, cued-shapes or imagefolder:PATH.")
 DATA_ROOT_HELP = ("Where datasets live (default $ALTERNAS_DATA, else ~/.cache/alternas/data; Fashion-MNIST also "
                   "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).")
 SUBSET_HELP = "Train on a class-balanced subset: a fraction (0-1] or a number of images."
@@ -175,10 +175,10 @@ def _data_options(func: Any) -> Any:
         click.option("--val-fraction", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
                      help="Share of the training set held out for validation (seeded)."),
         click.option("--image-size", type=click.IntRange(min=8), default=None,
-                     help="Image folders and torch/ sets not at 32 px: the size images are resized to (default 32)."),
+                     help="Image folders and torch/ sets: the size images are resized to (default 32)."),
         click.option("--stream", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-                     help="imagefolder: decode per sample from disk instead of into memory (auto: when larger "
-                          "than 4 GiB decoded)."),
+                     help="Image files (imagefolder, torch/ JPEG sets): decode per sample from disk instead of into "
+                          "memory (auto: when larger than 4 GiB decoded)."),
     ]):
         func = option(func)
     return func
@@ -296,7 +296,8 @@ def _study_options(func: Any) -> Any:
     for option in reversed([
         click.option("--name", default=None, help="Study name (output defaults to studies/<name>)."),
         click.option("--base", default=None, help=BASE_HELP + _STUDY_DEFAULT.format("tiny", "resnet50")),
-        click.option("--data", "data_name", default=None, help=DATA_HELP + " Default: the study file's, else shapes."),
+        click.option("--data", "data_name", default=None,
+                     help=DATA_HELP + " Default: the study file's, else shapes (optuna: cifar100 on resnet50)."),
         click.option("--data-root", default=None, help=DATA_ROOT_HELP),
         click.option("--subset", type=float, default=None, help=SUBSET_HELP),
         click.option("--recipe", "recipe_name", default=None,

@@ -81,3 +81,4 @@ def test_a_command_line_search_on_a_built_in_probe_defaults_to_the_cpu_sized_bas
         assert (config.base, config.recipe.name) == ("tiny", "fast"), data
     config = study_for_command(None, {"data.name": "cifar100"})
     assert (config.base, config.recipe.name) == ("resnet50", "paper")
+    assert study_for_command(None, {"data.name": "torch/CIFAR100"}).name == config.name  # one study, either spelling

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from alternas.data.datasets import DataConfig, load_data
-from alternas.diagnostics.corruptions import CORRUPTIONS, GENERATED, generated_corruptions, released_corruptions
+from alternas.diagnostics.corruptions import (
+    _GENERATED,
+    CORRUPTIONS,
+    GENERATED,
+    generated_corruptions,
+    released_corruptions,
+)
 from alternas.diagnostics.run import DiagnosticsConfig, diagnose
 from alternas.errors import ConfigError, DataError
 from alternas.models import build_model
@@ -52,7 +58,8 @@ def test_generated_corruptions_are_seeded_and_grow_with_severity() -> None:
     a = generated_corruptions(images, (1, 5), seed=0)
     assert a.corruptions == list(GENERATED) and "frost" not in GENERATED and "fog" not in GENERATED
     assert a.source.startswith("generated (albumentations ")
-    again = generated_corruptions(images.take(torch.arange(40)), (1, 5), seed=0)  # a new object, the same images
+    _GENERATED.clear()  # generated again, not answered from the per-process cache
+    again = generated_corruptions(images.take(torch.arange(40)), (1, 5), seed=0)
     assert all(torch.equal(a.images[k], again.images[k]) for k in a.images)
     other = generated_corruptions(images, (1, 5), seed=1)
     assert not torch.equal(a.images["gaussian_noise", 1], other.images["gaussian_noise", 1])
@@ -111,3 +118,28 @@ def test_a_search_resumed_with_corruptions_on_measures_its_finished_runs_again_w
     after = pd.read_csv(tmp_path / "study" / "results.csv")
     assert after["robustness"].between(0, 100).all() and len(after) == 4
     assert after.set_index("key")["val_acc"].equals(before.set_index("key")["val_acc"])  # the same runs
+
+
+def test_runs_scored_on_generated_corruptions_are_scored_again_once_the_release_is_there(tmp_path) -> None:
+    """The source is part of what a score means: after CIFAR-10-C lands beside the data, a resumed search scores its
+    finished runs on the released files, so no study mixes the two."""
+    import pandas as pd
+    import yaml
+
+    from tests.helpers import run_cli, small_study
+
+    write_cifar(tmp_path / "data", "cifar10", n_train=200, n_test=40)
+    raw = small_study(tmp_path, diagnostics={"hessian": False, "fourier": False, "corruptions": True,
+                                             "corruption_images": 16, "severities": [1]},
+                      data={"name": "cifar10", "root": str(tmp_path / "data"), "subset": None, "val_fraction": 0.3},
+                      buildup={"max_candidates": 2})
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert run_cli("buildup", "--study", str(path), "--quiet").returncode == 0
+    before = pd.read_csv(tmp_path / "study" / "results.csv")
+    assert before["robustness_source"].str.startswith("generated").all()
+    write_cifar_c(tmp_path / "data")
+    res = run_cli("buildup", "--study", str(path), "--quiet")
+    assert res.returncode == 0 and f"measured the diagnostics of {len(before)} finished run(s) again" in res.stdout
+    after = pd.read_csv(tmp_path / "study" / "results.csv")
+    assert (after["robustness_source"] == "released CIFAR-10-C").all() and len(after) == len(before)

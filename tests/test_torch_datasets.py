@@ -13,7 +13,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from alternas.data.datasets import DataConfig, ImageFiles, load_data
-from alternas.data.torchvision_sets import read_torch_set
+from alternas.data.torchvision_sets import listed_files
 from alternas.errors import DataError
 from tests.helpers import run_cli
 
@@ -22,7 +22,7 @@ from tests.helpers import run_cli
 def _offline(monkeypatch) -> None:
     """No test here may reach the network (a miss would download)."""
     monkeypatch.setenv("ALTERNAS_OFFLINE", "1")
-    read_torch_set.cache_clear()
+    listed_files.cache_clear()
 
 
 def _label_images(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -179,6 +179,13 @@ def test_a_partial_dataset_is_one_line_naming_the_missing_file(tmp_path, name, w
 
 def test_an_absent_dataset_offline_names_the_file_and_where(tmp_path) -> None:
     with pytest.raises(DataError, match=r"torch/svhn: .*train_32x32.mat is missing and could not be downloaded"):
+        load_data(DataConfig("torch/svhn", root=str(tmp_path)))
+
+
+def test_an_interrupted_download_s_empty_mat_file_is_named(tmp_path) -> None:
+    write_svhn(tmp_path)
+    (tmp_path / "train_32x32.mat").write_bytes(b"")
+    with pytest.raises(DataError, match=r"train_32x32.mat is not an SVHN .mat file"):
         load_data(DataConfig("torch/svhn", root=str(tmp_path)))
 
 

@@ -191,7 +191,7 @@ class ImageFiles:
         except (RuntimeError, MemoryError) as err:
             if not isinstance(err, MemoryError) and "allocate" not in str(err):
                 raise
-            raise DataError(f"imagefolder:{self.root}: {len(self)} images at {size}px need "
+            raise DataError(f"{self.root}: {len(self)} images at {size}px need "
                             f"{self.decoded_bytes() / 2**30:.2f} GiB in memory, more than this process can "
                             "allocate; stream them from disk instead (data.stream: auto or always)") from None
         return ImageData(images, self.labels.clone())
@@ -228,8 +228,8 @@ class DataConfig:
     subset: float | None = None  # int > 1: images per training set; 0 < x <= 1: fraction (class-balanced)
     val_fraction: float = 0.1
     seed: int = 0
-    # image folders, the torch/ sets read as files and those not 32 px (STL-10): the size images are resized to
-    # (None: 32, CIFAR's, which every base and window fits); CIFAR, SVHN, the MNIST family and the built-ins keep 32
+    # image folders and the torch/ sets (SVHN, STL-10 and the JPEG sets): the size images are resized to (None: 32,
+    # CIFAR's, which every base and window fits); CIFAR, the MNIST family and the built-ins keep 32
     image_size: int | None = None
     label_breaking: tuple[str, ...] | None = None  # augmentations that change labels; None: the dataset's own
     # imagefolder only: evaluation resizes to image_size / crop_pct, then centre-crops (None: 0.875, the paper's)
@@ -638,6 +638,12 @@ def _balanced_pick(labels: torch.Tensor, count: int, gen: torch.Generator) -> tu
     return chosen.sort().values, torch.nonzero(~mask).flatten()
 
 
+def balanced_indices(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` indices spread evenly over the classes of ``labels``, seeded and sorted: a pick that a listing sorted
+    by class cannot skew (the first ``count`` of an image folder's validation split may be one or two classes)."""
+    return _balanced_pick(labels, count, torch.Generator().manual_seed(seed))[0]
+
+
 def load_data(config: DataConfig | str) -> DataSplits:
     """Load, subset and split a dataset as ``config`` says. Raises ``DataError`` with what to do on failure."""
     cfg = DataConfig(name=config) if isinstance(config, str) else config
@@ -666,11 +672,12 @@ def load_data(config: DataConfig | str) -> DataSplits:
         mean, std = _channel_stats(train.images)  # of the whole training set: the same for every subset and seed
     else:
         raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, mnist, kmnist, "
-                        f"{', '.join(TORCH_SETS)} (or any torch/NAME timm knows), shapes, textures, cued-shapes "
+                        f"{', '.join(TORCH_SETS)}, shapes, textures, cued-shapes "
                         "or imagefolder:PATH")
     for split, held in (("training", train), ("test", test)):
-        if len(held) and not 0 <= int(held.labels.min()) <= int(held.labels.max()) < num_classes:
-            raise DataError(f"{name}: the {split} split has label {int(held.labels.max())} outside 0-{num_classes - 1} "
+        outside = held.labels[(held.labels < 0) | (held.labels >= num_classes)]
+        if len(outside):
+            raise DataError(f"{name}: the {split} split has label {int(outside[0])} outside 0-{num_classes - 1} "
                             f"({num_classes} classes); replace the dataset's files with the released ones")
 
     gen = torch.Generator().manual_seed(cfg.seed)

@@ -1,7 +1,9 @@
-"""torchvision's classification datasets by timm's names (``torch/NAME``), read from their released files.
+"""torchvision's classification datasets by timm's ``torch/`` prefix (``torch/NAME``), read from their released files.
 
-timm names torchvision's datasets ``torch/NAME`` (``timm.data.create_dataset("torch/cifar10")``). The ones whose
-files a machine can hold locally are read here from the layout torchvision's own download leaves under the data root,
+timm names torchvision's datasets ``torch/NAME`` (``timm.data.create_dataset("torch/cifar10")``); alternas takes
+that prefix for the sets timm names (cifar10, cifar100, mnist, kmnist, fashion_mnist) and extends it to more of
+torchvision's classification sets whose files a machine can hold locally. They are read here from the layout
+torchvision's own download leaves under the data root,
 so a folder torchvision filled works as it is, and torchvision downloads them where none is present (and a network
 is). torchvision's classes themselves are not used to read: they refuse any file whose MD5 is not the official
 release's (a re-packed subset in the same format, as the tests write, is "corrupted") and name no missing file.
@@ -80,6 +82,7 @@ def _bad(name: str, path: Path, what: str) -> DataError:
 # -- arrays ----------------------------------------------------------------------------------------------------------
 def _read_svhn(root: Path) -> tuple[Arrays, Arrays, list[str]]:
     from scipy.io import loadmat  # what torchvision's SVHN reads with
+    from scipy.io.matlab import MatReadError
 
     def read(file: str) -> Arrays:
         path = root / file
@@ -87,7 +90,7 @@ def _read_svhn(root: Path) -> tuple[Arrays, Arrays, list[str]]:
             mat = loadmat(path)
             images = np.ascontiguousarray(np.transpose(mat["X"], (3, 2, 0, 1)), dtype=np.uint8)  # HWCN -> NCHW
             labels = mat["y"].astype(np.int64).reshape(-1) % 10  # the release labels digit 0 as 10
-        except (KeyError, ValueError, TypeError, OSError, NotImplementedError) as err:
+        except (KeyError, ValueError, TypeError, OSError, NotImplementedError, MatReadError) as err:
             raise _bad("torch/svhn", path, f"an SVHN .mat file ({type(err).__name__}: {err})") from None
         if images.shape[1:] != (3, 32, 32) or len(images) != len(labels):
             raise _bad("torch/svhn", path, f"an SVHN .mat file (X of {mat['X'].shape}, y of {mat['y'].shape})")
@@ -130,6 +133,7 @@ def _existing(name: str, files: Files) -> Files:
 
 def _read_flowers102(root: Path) -> tuple[Files, Files, list[str]]:
     from scipy.io import loadmat  # what torchvision's Flowers102 reads its labels with
+    from scipy.io.matlab import MatReadError
 
     folder = root / "flowers-102"
     try:
@@ -137,7 +141,7 @@ def _read_flowers102(root: Path) -> tuple[Files, Files, list[str]]:
         sets = loadmat(folder / "setid.mat", squeeze_me=True)
         ids = {split: np.atleast_1d(sets[key]).astype(np.int64) for split, key in
                (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
-    except (KeyError, ValueError, TypeError, OSError) as err:
+    except (KeyError, ValueError, TypeError, OSError, MatReadError) as err:
         raise DataError(f"torch/flowers102: {folder} holds no valid imagelabels.mat / setid.mat ({err}); replace "
                         "them with the released files") from None
 
@@ -152,14 +156,22 @@ def _read_flowers102(root: Path) -> tuple[Files, Files, list[str]]:
     return files(np.concatenate([ids["train"], ids["val"]])), files(ids["test"]), classes
 
 
-def _lines(path: Path) -> list[str]:
+def _text(name: str, path: Path) -> str:
+    """A split list's text; an unreadable one (not text, a folder) is one line naming it."""
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise _bad(name, path, f"a readable split list ({type(err).__name__})") from None
+
+
+def _lines(name: str, path: Path) -> list[str]:
     """The non-empty, non-comment lines of a split list."""
-    return [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [line.strip() for line in _text(name, path).splitlines() if line.strip() and not line.startswith("#")]
 
 
 def _read_dtd(root: Path) -> tuple[Files, Files, list[str]]:
     folder = root / "dtd" / "dtd"
-    splits = {split: _lines(folder / "labels" / f"{split}1.txt") for split in ("train", "val", "test")}
+    splits = {split: _lines("torch/dtd", folder / "labels" / f"{split}1.txt") for split in ("train", "val", "test")}
     classes = sorted({entry.split("/", 1)[0] for entries in splits.values() for entry in entries})
     index = {c: i for i, c in enumerate(classes)}
 
@@ -176,7 +188,8 @@ def _read_pets(root: Path) -> tuple[Files, Files, list[str]]:
     for split in ("trainval", "test"):
         path = folder / "annotations" / f"{split}.txt"
         try:
-            rows[split] = [(fields[0], int(fields[1]) - 1) for fields in map(str.split, _lines(path))]
+            rows[split] = [(fields[0], int(fields[1]) - 1)
+                           for fields in map(str.split, _lines("torch/oxford_iiit_pet", path))]
         except (IndexError, ValueError):
             raise _bad("torch/oxford_iiit_pet", path, "an Oxford-IIIT Pet list ('IMAGE CLASS-ID SPECIES BREED')") \
                 from None
@@ -199,7 +212,7 @@ def _read_food101(root: Path) -> tuple[Files, Files, list[str]]:
     for split in ("train", "test"):
         path = folder / "meta" / f"{split}.json"
         try:
-            meta[split] = json.loads(path.read_text())
+            meta[split] = json.loads(_text("torch/food101", path))
         except ValueError:
             meta[split] = None
         if not isinstance(meta[split], dict):
@@ -261,9 +274,17 @@ def _ensure(name: str, root: Path) -> None:
                         f"of torchvision's {spec.torchvision_class} layout there)")
 
 
-@functools.lru_cache(maxsize=2)
 def read_torch_set(name: str, root: Path) -> tuple[Arrays | Files, Arrays | Files, list[str]]:
-    """(train, test, class names) of the canonical ``torch/`` dataset ``name`` under ``root``. Cached per process:
-    resolving ``stream: auto`` and loading read the same listing."""
+    """(train, test, class names) of the canonical ``torch/`` dataset ``name`` under ``root``."""
+    if name in FILE_SETS:
+        return listed_files(name, root)
+    _ensure(name, root)
+    return TORCH_SETS[name].read(root)
+
+
+@functools.lru_cache(maxsize=4)
+def listed_files(name: str, root: Path) -> tuple[Files, Files, list[str]]:
+    """A set of image files' listing, cached per process: resolving ``stream: auto`` and loading read it once (only
+    listings are kept: decoded arrays would hold hundreds of MB for the life of the process)."""
     _ensure(name, root)
     return TORCH_SETS[name].read(root)

@@ -77,7 +77,7 @@ class DiagnosticsConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"diagnostics.{key} must be >= 1, got {getattr(self, key)}")
         object.__setattr__(self, "at_epochs", tuple(self.at_epochs))
-        object.__setattr__(self, "severities", tuple(self.severities))
+        object.__setattr__(self, "severities", tuple(sorted(self.severities)))
         if not self.severities or any(s not in (1, 2, 3, 4, 5) for s in self.severities) or \
                 len(set(self.severities)) != len(self.severities):
             raise ConfigError(f"diagnostics.severities must list distinct severities 1-5, got {list(self.severities)}")
@@ -209,8 +209,7 @@ def diagnose(
         out["lesion"] = lesion_study(model, eval_loader)
     if config.corruptions:
         t0 = time.perf_counter()
-        first = val_images.take(torch.arange(min(config.corruption_images, len(val_images)))).load()
-        corrupted = corrupted_for(data.name, Path(data.root) if data.root else None, first,
+        corrupted = corrupted_for(data.name, Path(data.root) if data.root else None, val_images,
                                   config.corruption_images, config.severities, config.seed)
         out["corruptions"] = corruption_robustness(model, corrupted, data.mean, data.std, device)
         out["robustness"] = out["corruptions"]["robustness"]

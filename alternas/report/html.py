@@ -66,10 +66,16 @@ def robustness_figure(results: pd.DataFrame, steps: list[dict], best: str, confi
     """The paper's §4.1 figure: validation accuracy against robustness (mean accuracy on corrupted images), one point
     per placement (mean over its seeds, t-intervals at ``confidence``), the build-up's accepted path through it, the
     start and the final marked. None when no run was scored on corrupted images."""
-    done = results[(results["status"] == "completed") & results["robustness"].notna()] \
-        if "robustness" in results.columns else results.iloc[:0]
+    if "robustness" not in results.columns:
+        return None
+    placement_of = dict(zip(results["key"], results["placement"]))
+    control = results["parent"].map(placement_of) == results["placement"]  # a warm start's continued incumbent
+    done = results[(results["status"] == "completed") & results["robustness"].notna() & ~control]
     if done.empty:
         return None
+    source = done["robustness_source"].mode().iloc[0]  # scores of two sources are never drawn together
+    left_out = int((done["robustness_source"] != source).sum())
+    done = done[done["robustness_source"] == source]
     points = {}
     for placement, runs in done.groupby("placement", sort=False):
         (acc, acc_half), (rob, rob_half) = (_mean_interval(runs[c], confidence) for c in ("val_acc", "robustness"))
@@ -92,8 +98,9 @@ def robustness_figure(results: pd.DataFrame, steps: list[dict], best: str, confi
             fig.add_trace(go.Scatter(x=[points[placement][0]], y=[points[placement][2]], mode="markers+text",
                                      name=f"{label} {placement}", text=[label], textposition="top center",
                                      marker={"symbol": symbol, "size": 16, "color": "#1f4e9a"}))
-    source = ", ".join(sorted(done["robustness_source"].dropna().unique())) if "robustness_source" in done else ""
-    fig.update_layout(title=f"Accuracy vs robustness ({source}; {round(confidence * 100)}% intervals over seeds)",
+    other = f"; {left_out} run(s) scored on other corrupted images left out" if left_out else ""
+    fig.update_layout(title=f"Accuracy vs robustness ({source}; {round(confidence * 100)}% intervals over seeds"
+                            f"{other})",
                       xaxis_title="validation accuracy (%)", yaxis_title="mean accuracy on corrupted images (%)",
                       height=480)
     return fig

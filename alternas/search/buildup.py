@@ -696,7 +696,7 @@ def run_buildup(
     restored = evaluator.restore_results(e.result for e in done)
     if restored:
         log(f"restored {restored} lost result.json file(s) from the study's storage (nothing retrained)")
-    refreshed = evaluator.refresh_diagnostics(e.result for e in done)
+    refreshed = evaluator.refresh_diagnostics((e.result for e in done), log)
     if refreshed:
         log(f"measured the diagnostics of {refreshed} finished run(s) again with the study's settings (from their "
             "saved weights, nothing retrained)")

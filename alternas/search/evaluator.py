@@ -11,6 +11,7 @@ A crash (``failed``: out of memory, a dead worker, a bug) is recorded but retrie
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -23,11 +24,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from optuna import TrialPruned
 from safetensors.torch import load_file
 
-from alternas.data.datasets import DataConfig, DataSplits, load_data
+from alternas.data.datasets import BUILTIN, DataConfig, DataSplits, data_root, load_data
+from alternas.diagnostics.corruptions import corruption_source
 from alternas.diagnostics.run import diagnose
 from alternas.errors import AlternasError
 from alternas.faults import fault_point
@@ -331,8 +333,19 @@ class Evaluator:
         return on_epoch
 
     def _diagnosed(self, result: CandidateResult) -> bool:
-        """Whether ``result`` carries diagnostics measured with this study's settings (or needs none)."""
-        return result.status != "completed" or result.diagnostics == diagnostics_fingerprint(self.config)
+        """Whether ``result`` carries diagnostics measured with this study's settings (or needs none), its robustness
+        on the corrupted images this machine's data gives (released files downloaded since, or another albumentations,
+        would leave a study scored on two sources)."""
+        if result.status != "completed":
+            return True
+        if result.diagnostics != diagnostics_fingerprint(self.config):
+            return False
+        return not self.config.diagnostics.corruptions or result.robustness_source == self._corruption_source
+
+    @functools.cached_property
+    def _corruption_source(self) -> str:
+        data = self.config.data
+        return corruption_source(data.name, None if data.name in BUILTIN else data_root(data.root))
 
     def _diagnose(self, model: torch.nn.Module, recipe: Recipe, result: CandidateResult) -> None:
         """Measure the study's diagnostics on the trained ``model`` into ``result``."""
@@ -352,14 +365,14 @@ class Evaluator:
             result.wall_time += time.perf_counter() - t0
         result.diagnostics = diagnostics_fingerprint(cfg)
 
-    def _rediagnose(self, result: CandidateResult, recipe: Recipe) -> CandidateResult:
+    def _rediagnose(self, result: CandidateResult, recipe: Recipe, table: bool = True) -> CandidateResult:
         """A finished candidate measured with other diagnostics settings: measure again from its weights (fit reads
-        them back, or finishes from the last checkpoint if they are damaged)."""
+        them back, or finishes from the last checkpoint if they are damaged). ``table``: rebuild results.csv too."""
         cfg = self.config
         model = model_for(result.placement, cfg.base, self.data, recipe, cfg.window_size, seed=result.seed)
         fit(model, self.data, recipe, result.run_dir, seed=result.seed, device=cfg.device, resume=True, quiet=True)
         self._diagnose(model, recipe, result)
-        self._write_result(result)
+        self._write_result(result, table)
         return result
 
     def _crash_message(self, err: Exception, recipe: Recipe) -> str:
@@ -380,9 +393,10 @@ class Evaluator:
         return {k: v for k, v in parent_weights.items()
                 if k in own and own[k].shape == v.shape and not any(k.startswith(c) for c in changed)}
 
-    def _write_result(self, result: CandidateResult) -> None:
+    def _write_result(self, result: CandidateResult, table: bool = True) -> None:
         atomic_write_text(self.result_path(result.key), json.dumps(asdict(result), indent=1), durable=True)
-        self.write_table()
+        if table:
+            self.write_table()
 
     def all_results(self) -> list[CandidateResult]:
         return list(read_results(self.folder.candidates).values())
@@ -404,22 +418,30 @@ class Evaluator:
             self.write_table()
         return len(lost)
 
-    def refresh_diagnostics(self, recorded: Iterable[CandidateResult]) -> int:
+    def refresh_diagnostics(self, recorded: Iterable[CandidateResult], log: Callable[[str], None]) -> int:
         """Measure again, from their saved weights, the finished runs of this folder whose diagnostics were taken with
         other settings than the study's now (a search resumed with ``corruptions`` turned on, say): a search reads
         finished evaluations from its storage without asking the evaluator, so without this its report and claims
-        would mix runs measured two ways. Returns how many were measured again (none is retrained)."""
-        stale = [r.key for r in recorded if r.status == "completed"]
+        would mix runs measured two ways. A run another worker is measuring is left to it. Returns how many this
+        worker measured again (none is retrained)."""
+        stale = [r for r in (self.cached(r.key) for r in recorded if r.status == "completed")
+                 if r is not None and not self._diagnosed(r)]
         count = 0
-        for key in stale:
-            hit = self.cached(key)
-            if hit is None or self._diagnosed(hit):
-                continue
-            with self._candidate_lock(key):
-                hit = self.cached(key)
+        for hit in stale:
+            lock = self._candidate_lock(hit.key)
+            try:
+                lock.acquire(timeout=0)
+            except Timeout:
+                continue  # another worker holds it: measuring it, or training it
+            try:
+                hit = self.cached(hit.key)
                 if hit is not None and not self._diagnosed(hit):
-                    self._rediagnose(hit, self.warm_recipe() if hit.parent else self.config.recipe)
+                    log(f"measuring the diagnostics of {hit.placement} seed {hit.seed} again with the study's "
+                        f"settings ({count + 1} of up to {len(stale)}; from its saved weights, nothing retrained)")
+                    self._rediagnose(hit, self.warm_recipe() if hit.parent else self.config.recipe, table=False)
                     count += 1
+            finally:
+                lock.release()
         if count:
             self.write_table()
         return count

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from alternas.data.datasets import BUILTIN, DataConfig
+from alternas.data.torchvision_sets import canonical_name
 from alternas.diagnostics.run import DiagnosticsConfig, get_diagnostics
 from alternas.errors import AlternasError, ConfigError, check_types, reject_unknown_keys
 from alternas.fileio import atomic_write_text
@@ -235,7 +236,7 @@ def study_for_command(study_file: str | os.PathLike | None, overrides: dict[str,
     if study_file:
         config = load_study(study_file)
     else:
-        data = overrides.get("data.name") or "shapes"
+        data = canonical_name(overrides.get("data.name") or "shapes")  # torch/cifar10 is cifar10's study
         base = overrides.get("base")
         builtin = data in BUILTIN
         default_name = f"{data.replace(':', '-').replace('/', '-')}-{base or 'resnet50'}"
