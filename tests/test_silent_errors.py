@@ -417,6 +417,24 @@ def test_optuna_s_own_heartbeat_thread_outlives_a_storage_error(tmp_path, capfd)
     assert study.trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
+def test_two_workers_starting_at_once_with_different_settings_never_both_go_on(tmp_path) -> None:
+    """Both join a search with no evaluation yet, so both store their settings (the second overwrites the first);
+    the one whose settings were overwritten reads them again at its next claim and stops with one line, that claim
+    given back."""
+    from alternas.errors import ConfigError
+    from alternas.search.buildup import EvaluationRequest
+    from alternas.search.evaluations import SharedEvaluations
+
+    first = SharedEvaluations(study_from_dict(_study(tmp_path, buildup={"min_gain": 0.0})), log=lambda _: None)
+    second = SharedEvaluations(study_from_dict(_study(tmp_path, buildup={"min_gain": 1.0})), log=lambda _: None)
+    request = EvaluationRequest("CC,CC,CC,CC", 0, "k0")
+    with pytest.raises(ConfigError, match=r"runs with other settings: min_gain 1\.0 \(here 0\.0\)"):
+        first.claim(request)
+    assert second.claim(request) is not None  # the given-back claim is asked for again, by the search's policy
+    with pytest.raises(ConfigError, match="runs with other settings"):  # and once a search evaluates, it is fixed
+        SharedEvaluations(study_from_dict(_study(tmp_path, buildup={"min_gain": 0.0})), log=lambda _: None)
+
+
 def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp_path) -> None:
     """Its settings carry no pool_seed_variance: it decided without pooling, so resuming it with pooling (the
     default now) would replay other decisions: refused, naming the key; without pooling it resumes."""

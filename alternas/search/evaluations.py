@@ -92,18 +92,12 @@ class SharedEvaluations:
         a second study folder on this host under the same study name (its runs would decide for a folder whose
         report and export cannot see them). Other hosts keep their own folders: that is the many-machine mode."""
         name = self.study.study_name
-        mine = decision_settings(config)
-        stored = self.study.user_attrs.get("decision_settings")
-        if stored is None or not self._trials():  # a search that evaluated nothing yet decided nothing: take these
-            # (two workers starting at the same moment with different settings are not caught)
-            self.study.set_user_attr("decision_settings", mine)
-            stored = mine
-        stored = {**SETTINGS_BEFORE_THEY_WERE_STORED, **stored}
-        differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
-        if differing:
-            shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)
-            raise ConfigError(f"the build-up {name!r} in this storage runs with other settings: {shown}; run it with "
-                              "the same settings, or start another study (another `name` or --out)")
+        if self.study.user_attrs.get("decision_settings") is None or not self._trials():
+            # a search that evaluated nothing yet decided nothing: take these (two workers starting at once with
+            # different settings both write; ``claim`` reads them again, and the one whose settings were overwritten
+            # stops at its next claim)
+            self.study.set_user_attr("decision_settings", decision_settings(config))
+        self._refuse_other_settings()
         if isinstance(self.storage, optuna.storages.JournalStorage):
             return  # the journal file lives in the study folder: one folder per storage by construction
         host, folder = socket.gethostname(), str(Path(config.output_dir).resolve())
@@ -113,6 +107,17 @@ class SharedEvaluations:
                               f"this host, not {folder}: use that folder, or give this study another `name`")
         if host not in folders:
             self.study.set_user_attr("folders", {**folders, host: folder})
+
+    def _refuse_other_settings(self) -> None:
+        """One line naming every decision setting that differs between this worker and the search's stored ones."""
+        mine = decision_settings(self.config)
+        stored = {**SETTINGS_BEFORE_THEY_WERE_STORED, **self.study.user_attrs.get("decision_settings", mine)}
+        differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+        if differing:
+            shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)
+            raise ConfigError(f"the build-up {self.study.study_name!r} in this storage runs with other settings: "
+                              f"{shown}; run it with the same settings, or start another study (another `name` or "
+                              "--out)")
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _trials(self, evaluation: str | None = None) -> list[FrozenTrial]:
@@ -184,6 +189,11 @@ class SharedEvaluations:
         if any(self._taken(t) for t in self._trials(request.id) if t._trial_id != trial._trial_id):
             self.release(trial._trial_id, "twin")  # another worker claimed a twin first
             return None
+        try:  # read again at every claim: a worker that started in the same instant may have stored its own
+            self._refuse_other_settings()
+        except ConfigError:
+            self.release(trial._trial_id, "other settings")
+            raise
         return trial._trial_id
 
     def _waiting_trial(self, request: EvaluationRequest) -> FrozenTrial:
