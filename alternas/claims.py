@@ -279,12 +279,16 @@ def claim_noise(best: list[RunRecord], start: list[RunRecord], confidence: float
         "positive", effect)
 
 
+def _corruptions(run: RunRecord) -> dict[str, Any]:
+    return run.diagnostics.get("corruptions") or {}
+
+
 def _robustness(run: RunRecord) -> float | None:
-    return (run.diagnostics.get("corruptions") or {}).get("robustness")
+    return _corruptions(run).get("robustness")
 
 
 def claim_corruptions(best: list[RunRecord], start: list[RunRecord], confidence: float) -> ClaimResult:
-    sources = {(r.diagnostics.get("corruptions") or {}).get("source") for r in best + start} - {None}
+    sources = {_corruptions(r).get("source") for r in best + start} - {None}
     mixed = len(sources) > 1  # released and generated corruptions are different measurements: never paired
     effect = seed_interval({} if mixed else _paired(best, start, _robustness), confidence, "pp")
     measured: dict[str, Any] = {

@@ -274,6 +274,11 @@ class DataConfig:
         return self.name.startswith("imagefolder:")
 
     @property
+    def files_root(self) -> Path | None:
+        """Where this dataset's files live (``data_root``); None for the built-in sets, which have none."""
+        return None if self.name in BUILTIN else data_root(self.root)
+
+    @property
     def reads_files(self) -> bool:
         """Whether the images are files decoded at ``image_size`` (or streamed): an image folder or a torch/ set of
         image files."""
@@ -692,5 +697,5 @@ def load_data(config: DataConfig | str) -> DataSplits:
         train, test = train.load(crop_pct=1.0), test.load()
         val = val.load() if selects_on == "val" else test
     return DataSplits(name, train, val, test, num_classes, mean, std, names, selects_on=selects_on,
-                      label_breaking=cfg.breaks_labels, root=None if name in BUILTIN else str(data_root(cfg.root)))
+                      label_breaking=cfg.breaks_labels, root=None if cfg.files_root is None else str(cfg.files_root))
 

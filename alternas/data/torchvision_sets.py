@@ -122,13 +122,15 @@ def _read_stl10(root: Path) -> tuple[Arrays, Arrays, list[str]]:
 
 
 # -- image files ---------------------------------------------------------------------------------------------------
-def _existing(name: str, files: Files) -> Files:
-    """``files`` when every listed image exists; else one line naming the first missing one."""
-    missing = [p for p in files.paths if not os.path.isfile(p)]
+def _listed(name: str, folder: Path, pairs: list[tuple[str, int]]) -> Files:
+    """A split of (image path under ``folder``, label) pairs, when every listed image exists; else one line naming the
+    first missing one."""
+    paths = [str(folder / relative) for relative, _ in pairs]
+    missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{name}: {len(missing)} listed image(s) missing, e.g. {missing[0]}; the dataset in "
-                        f"{files.folder} is incomplete (extract the whole archive)")
-    return files
+                        f"{folder} is incomplete (extract the whole archive)")
+    return Files(folder, paths, np.array([label for _, label in pairs], dtype=np.int64))
 
 
 def _read_flowers102(root: Path) -> tuple[Files, Files, list[str]]:
@@ -148,8 +150,7 @@ def _read_flowers102(root: Path) -> tuple[Files, Files, list[str]]:
     def files(image_ids: np.ndarray) -> Files:
         if len(image_ids) and not 1 <= image_ids.min() <= image_ids.max() <= len(labels):
             raise _bad("torch/flowers102", folder / "setid.mat", f"Flowers-102's split ids (1-{len(labels)})")
-        return _existing("torch/flowers102", Files(folder, [str(folder / "jpg" / f"image_{i:05d}.jpg")
-                                                            for i in image_ids], labels[image_ids - 1]))
+        return _listed("torch/flowers102", folder, [(f"jpg/image_{i:05d}.jpg", int(labels[i - 1])) for i in image_ids])
 
     # torchvision's train and val splits are both training images here: alternas carves its own validation split
     classes = [str(c + 1) for c in range(int(labels.max()) + 1 if len(labels) else 0)]
@@ -176,8 +177,7 @@ def _read_dtd(root: Path) -> tuple[Files, Files, list[str]]:
     index = {c: i for i, c in enumerate(classes)}
 
     def files(entries: list[str]) -> Files:
-        return _existing("torch/dtd", Files(folder, [str(folder / "images" / e) for e in entries],
-                                            np.array([index[e.split("/", 1)[0]] for e in entries], dtype=np.int64)))
+        return _listed("torch/dtd", folder, [(f"images/{e}", index[e.split("/", 1)[0]]) for e in entries])
 
     return files(splits["train"] + splits["val"]), files(splits["test"]), classes  # partition 1, as torchvision
 
@@ -199,9 +199,7 @@ def _read_pets(root: Path) -> tuple[Files, Files, list[str]]:
     classes = [names.get(i, str(i)) for i in range(max(names, default=-1) + 1)]
 
     def files(split: str) -> Files:
-        return _existing("torch/oxford_iiit_pet", Files(
-            folder, [str(folder / "images" / f"{i}.jpg") for i, _ in rows[split]],
-            np.array([label for _, label in rows[split]], dtype=np.int64)))
+        return _listed("torch/oxford_iiit_pet", folder, [(f"images/{i}.jpg", label) for i, label in rows[split]])
 
     return files("trainval"), files("test"), classes
 
@@ -221,9 +219,8 @@ def _read_food101(root: Path) -> tuple[Files, Files, list[str]]:
     index = {c: i for i, c in enumerate(classes)}
 
     def files(split: str) -> Files:
-        entries = [(entry, index[c]) for c, listed in sorted(meta[split].items()) if c in index for entry in listed]
-        return _existing("torch/food101", Files(folder, [str(folder / "images" / f"{e}.jpg") for e, _ in entries],
-                                                np.array([label for _, label in entries], dtype=np.int64)))
+        return _listed("torch/food101", folder, [(f"images/{entry}.jpg", index[c]) for c, listed in
+                                                 sorted(meta[split].items()) if c in index for entry in listed])
 
     return files("train"), files("test"), classes
 

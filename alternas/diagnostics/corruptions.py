@@ -112,13 +112,25 @@ def _seeded_pick(total: int, count: int, seed: int) -> torch.Tensor:
     return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:count].sort().values
 
 
+def _released_folder(dataset: str, root: Path | None) -> Path | None:
+    """The released CIFAR-C folder beside the data (one with ``labels.npy``), or None."""
+    folder = root / RELEASED_FOLDERS[dataset] if dataset in RELEASED_FOLDERS and root is not None else None
+    return folder if folder is not None and (folder / "labels.npy").is_file() else None
+
+
+def _generated_source() -> str:
+    from importlib.metadata import version
+
+    return f"generated (albumentations {version('albumentations')})"
+
+
 def released_corruptions(dataset: str, root: Path | None, count: int, severities: tuple[int, ...],
                          seed: int) -> CorruptedImages | None:
     """``count`` seeded test images per severity from the released CIFAR-C files (the same test images at every
     severity and for every candidate), or None where the dataset has no
     release or ``root`` lacks its folder. A folder without a corruption's file is one line naming it."""
-    folder = root / RELEASED_FOLDERS[dataset] if dataset in RELEASED_FOLDERS and root is not None else None
-    if folder is None or not (folder / "labels.npy").is_file():
+    folder = _released_folder(dataset, root)
+    if folder is None:
         return None
     try:
         labels = np.load(folder / "labels.npy", mmap_mode="r")
@@ -142,7 +154,7 @@ def released_corruptions(dataset: str, root: Path | None, count: int, severities
         first = torch.from_numpy(np.asarray(labels[pick], dtype=np.int64))
     except (ValueError, OSError) as err:
         raise DataError(f"{folder}: a released file cannot be read ({type(err).__name__}: {err})") from None
-    return CorruptedImages(f"released {RELEASED_FOLDERS[dataset]}", images, first)
+    return CorruptedImages(f"released {folder.name}", images, first)
 
 
 _GENERATED: dict[tuple, CorruptedImages] = {}  # per process: every candidate of a worker reuses one set
@@ -169,7 +181,7 @@ def generated_corruptions(images: ImageData, severities: tuple[int, ...], seed: 
             done = np.stack([apply(np.ascontiguousarray(p)) for p in pictures])
             out[name, severity] = torch.from_numpy(done).permute(0, 3, 1, 2).contiguous()
     _GENERATED.clear()
-    _GENERATED[key] = CorruptedImages(f"generated (albumentations {A.__version__})", out, images.labels)
+    _GENERATED[key] = CorruptedImages(_generated_source(), out, images.labels)
     return _GENERATED[key]
 
 
@@ -195,12 +207,8 @@ def corruption_robustness(model: torch.nn.Module, corrupted: CorruptedImages, me
 def corruption_source(dataset: str, root: Path | None) -> str:
     """Which corrupted images ``corrupted_for`` uses for this dataset and data root: what a run's score rests on, so
     that a run scored on another source (the release downloaded since, another albumentations) is scored again."""
-    folder = root / RELEASED_FOLDERS[dataset] if dataset in RELEASED_FOLDERS and root is not None else None
-    if folder is not None and (folder / "labels.npy").is_file():
-        return f"released {RELEASED_FOLDERS[dataset]}"
-    from importlib.metadata import version
-
-    return f"generated (albumentations {version('albumentations')})"
+    folder = _released_folder(dataset, root)
+    return f"released {folder.name}" if folder is not None else _generated_source()
 
 
 def corrupted_for(dataset: str, root: Path | None, validation: ImageData | ImageFiles, count: int,

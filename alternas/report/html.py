@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from alternas.claims import claims_figure, claims_html, study_claims
+from alternas.claims import claims_figure, claims_html, seed_interval, study_claims
 from alternas.diagnostics.run import diagnostic_figures
 from alternas.errors import AlternasError, ConfigError
 from alternas.placement import Placement
@@ -54,12 +54,10 @@ def trajectory_figure(steps: list[dict]) -> go.Figure:
 
 
 def _mean_interval(values: pd.Series, confidence: float) -> tuple[float, float]:
-    """Mean and the half-width of its Student-t interval over seeds (0 with one seed)."""
-    from scipy import stats
-
-    n = len(values)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
-    return float(values.mean()), half
+    """Mean over seeds and the half-width of its Student-t interval (``seed_interval``; 0 with one seed)."""
+    estimate = seed_interval(dict(enumerate(values)), confidence)
+    lo, hi = estimate.ci
+    return estimate.mean, (hi - lo) / 2 if np.isfinite(lo) else 0.0
 
 
 def robustness_figure(results: pd.DataFrame, steps: list[dict], best: str, confidence: float) -> go.Figure | None:

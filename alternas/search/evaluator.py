@@ -28,7 +28,7 @@ from filelock import FileLock, Timeout
 from optuna import TrialPruned
 from safetensors.torch import load_file
 
-from alternas.data.datasets import BUILTIN, DataConfig, DataSplits, data_root, load_data
+from alternas.data.datasets import DataConfig, DataSplits, load_data
 from alternas.diagnostics.corruptions import corruption_source
 from alternas.diagnostics.run import diagnose
 from alternas.errors import AlternasError
@@ -344,8 +344,7 @@ class Evaluator:
 
     @functools.cached_property
     def _corruption_source(self) -> str:
-        data = self.config.data
-        return corruption_source(data.name, None if data.name in BUILTIN else data_root(data.root))
+        return corruption_source(self.config.data.name, self.config.data.files_root)
 
     def _diagnose(self, model: torch.nn.Module, recipe: Recipe, result: CandidateResult) -> None:
         """Measure the study's diagnostics on the trained ``model`` into ``result``."""
