@@ -19,7 +19,7 @@ from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
-from alternas.search.buildup import WHAT_IFS
+from alternas.search.planner import WHAT_IFS
 from alternas.train.fit import pick_device, training_autocast, training_memory_format
 
 
@@ -453,7 +453,7 @@ class SimulatedTraining:
     def evaluate(self, request, config):
         from scipy.stats import norm
 
-        from alternas.search.buildup import Evaluated
+        from alternas.search.evaluated import Evaluated
         from alternas.search.evaluator import CandidateResult
 
         rng = self._rng(request)
@@ -474,15 +474,14 @@ def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: i
     more is stopped. Returns the wall time, the work per evaluation and the decisions."""
     from collections import defaultdict
 
-    from alternas.search.buildup import plan_buildup
+    from alternas.search.planner import BuildupSearch, plan_buildup
 
-    done: dict = {}
+    search = BuildupSearch(config)
     running: dict[str, tuple[float, float, object]] = {}  # evaluation id -> (start, finish, request)
     work: dict[str, float] = defaultdict(float)
-    keys: dict = {}
     clock = 0.0
     while True:
-        plan = plan_buildup(config, done.get, what_ifs=what_ifs, keys=keys)
+        plan = plan_buildup(search, what_ifs=what_ifs)
         if plan.replay.stopped_by is not None:
             break
         needed = {request.id for request, _ in plan.requests}
@@ -496,7 +495,7 @@ def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: i
         eid = min(running, key=lambda e: running[e][1])
         start, clock, request = running.pop(eid)
         work[eid] += clock - start
-        done[eid] = world.evaluate(request, config)
+        search.tell(eid, world.evaluate(request, config))
     for eid, (start, _, _) in running.items():  # speculation still running when the search ended
         work[eid] += clock - start
     steps = [(s.placement, s.decision, tuple(s.seeds_used)) for s in plan.replay.policy.steps]

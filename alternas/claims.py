@@ -102,8 +102,10 @@ def seed_interval(by_seed: dict[int, float], confidence: float, unit: str = "") 
     mean = float(values.mean())
     if n < 2:
         return Estimate(mean, (float("nan"), float("nan")), n, unit)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
-    return Estimate(mean, (mean - half, mean + half), n, unit)
+    if np.ptp(values) == 0:  # every seed agrees: no spread to scale a t by (scipy would warn of precision loss)
+        return Estimate(mean, (mean, mean), n, unit)
+    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
+    return Estimate(mean, (float(low), float(high)), n, unit)
 
 
 def verdict_of(effect: Estimate, expected: Direction) -> Verdict:
@@ -498,7 +500,7 @@ def study_claims(study_dir: str | Path, confidence: float | None = None) -> list
 def _one_split(results: dict[str, Any]) -> None:
     """Claims pair runs by seed: refuse runs validated on different splits (data files that differ between the
     machines that trained them), naming two of them, as the build-up's comparisons do."""
-    from alternas.search.buildup import Evaluated, same_split
+    from alternas.search.evaluated import Evaluated, same_split
     from alternas.train.evidence import evidence_digest
 
     same_split(Evaluated(result, digest=evidence_digest(result.run_dir)) for result in results.values())

@@ -8,9 +8,11 @@ import pytest
 import alternas.search.evaluator as evaluator_module
 from alternas.placement import Placement
 from alternas.search import study_from_dict
-from alternas.search.buildup import ONE_SEED, Evaluated, EvaluationCrashed, evaluation_id, replay_buildup, run_buildup
+from alternas.search.buildup import ONE_SEED, EvaluationCrashed, run_buildup
 from alternas.search.decision import compare_paired, sequential_compare
+from alternas.search.evaluated import Evaluated, evaluation_id
 from alternas.search.evaluator import CandidateResult, candidate_key
+from alternas.search.planner import replay_buildup
 from alternas.search.study import StudyConfig, load_study
 from tests.helpers import small_study
 

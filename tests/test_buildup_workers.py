@@ -15,7 +15,8 @@ import yaml
 
 from alternas.bench import PAPER_BUILDUP, SimulatedTraining, buildup_workers, simulate_buildup
 from alternas.search import study_from_dict
-from alternas.search.buildup import WHAT_IFS, _Worker, plan_buildup
+from alternas.search.buildup import _Worker
+from alternas.search.planner import WHAT_IFS, BuildupSearch, plan_buildup
 from tests.helpers import postgres_url, run_cli, small_study
 
 PAPER_START = "CCC,CCCC,CCCCCC,CCCC"
@@ -30,13 +31,15 @@ def _paper_config(min_seeds: int = 3):
 
 def test_plan_asks_for_every_seed_of_a_look_at_once_and_ranks_speculation_below_it() -> None:
     config, world = _paper_config(), SimulatedTraining(examples=500)
-    done: dict = {}
-    plan = plan_buildup(config, done.get)
+    search = BuildupSearch(config)
+    plan = plan_buildup(search)
     needed = [r for r, w in plan.requests if w == 1.0]
+    asked = search.ask()  # the pending look's needs, all of its seeds at once, first in the plan
+    assert asked and needed[: len(asked)] == asked
     assert [(r.placement, r.seed) for r in needed[:3]] == [(PAPER_START, s) for s in (0, 1, 2)]
     for request in needed[:3]:
-        done[request.id] = world.evaluate(request, config)
-    plan = plan_buildup(config, done.get)
+        search.tell(request.id, world.evaluate(request, config))
+    plan = plan_buildup(search)
     first_child = "CCC,CCCC,CCCCCC,CCCM"
     assert [(r.placement, r.seed) for r, w in plan.requests if w == 1.0] == [(first_child, s) for s in (0, 1, 2)]
     speculative = [(r, w) for r, w in plan.requests if w < 1.0]

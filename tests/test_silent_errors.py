@@ -24,7 +24,7 @@ from alternas.diagnostics.hessian import twice_differentiable
 from alternas.errors import PlacementError
 from alternas.search import Evaluator, run_buildup, study_from_dict
 from alternas.search.selection import load_results
-from alternas.search.storage import alive, fail_dead_workers, open_storage, process_start
+from alternas.search.storage import alive, fail_dead_workers, open_storage, process_start, trial_id_of
 from alternas.train import fit, get_recipe
 from alternas.train.metrics import predict
 from alternas.train.run import model_for
@@ -295,12 +295,13 @@ def test_on_an_rdb_storage_only_the_heartbeat_says_a_worker_died(tmp_path) -> No
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     for url, fails in ((f"sqlite:///{tmp_path / 'rdb.sqlite3'}", False), (None, True)):
-        study = optuna.create_study(study_name="t", storage=open_storage(tmp_path / "study", url))
+        storage = open_storage(tmp_path / "study", url)
+        study = optuna.create_study(study_name="t", storage=storage)
         trial = study.ask()
         trial.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
         if url:
-            study._storage.record_heartbeat(trial._trial_id)
-        assert fail_dead_workers(study, lambda _: None, requeue=False) == int(fails)
+            storage.record_heartbeat(trial_id_of(storage, study, trial.number))
+        assert fail_dead_workers(study, storage, lambda _: None, requeue=False) == int(fails)
         state = study.get_trials(deepcopy=False)[0].state
         assert state == (optuna.trial.TrialState.FAIL if fails else optuna.trial.TrialState.RUNNING), url
 
@@ -308,17 +309,19 @@ def test_on_an_rdb_storage_only_the_heartbeat_says_a_worker_died(tmp_path) -> No
 def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monkeypatch) -> None:
     """Two workers start together: both list the dead worker's RUNNING trial before either fails it."""
     config = study_from_dict(_study(tmp_path))
-    study = optuna.create_study(study_name="t", storage=open_storage(config.output_dir))
+    storage = open_storage(config.output_dir)
+    study = optuna.create_study(study_name="t", storage=storage)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     trial = study.ask()
     trial.set_user_attr("worker", f"{os.uname().nodename}:{dead.pid}")
     trial.suggest_int("c4_msa", 0, 1)
-    other = optuna.load_study(study_name="t", storage=open_storage(config.output_dir))  # a second worker, same journal
+    other_storage = open_storage(config.output_dir)  # a second worker, same journal
+    other = optuna.load_study(study_name="t", storage=other_storage)
     listed = other.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     monkeypatch.setattr(other, "get_trials", lambda **_: listed)  # its listing predates the first worker's change
-    assert fail_dead_workers(study, lambda _: None) == 1
-    assert fail_dead_workers(other, lambda _: None) == 0  # already failed by the first: no error, no twin
+    assert fail_dead_workers(study, storage, lambda _: None) == 1
+    assert fail_dead_workers(other, other_storage, lambda _: None) == 0  # failed by the first already: no error
     assert len(study.get_trials(states=(optuna.trial.TrialState.WAITING,))) == 1
 
 
@@ -376,7 +379,7 @@ def test_the_heartbeat_outlives_a_storage_error_and_says_so_once(tmp_path) -> No
     db = tmp_path / "rdb.sqlite3"
     storage = open_storage(tmp_path, f"sqlite:///{db}", heartbeat_s=1, grace_period_s=60)
     study = optuna.create_study(study_name="t", storage=storage)
-    trial_id = study.ask()._trial_id
+    trial_id = trial_id_of(storage, study, study.ask().number)
     lines: list[str] = []
     with Heartbeat(storage, trial_id, lines.append) as beat:
         lock = sqlite3.connect(db, isolation_level=None)
@@ -422,7 +425,7 @@ def test_two_workers_starting_at_once_with_different_settings_never_both_go_on(t
     the one whose settings were overwritten reads them again at its next claim and stops with one line, that claim
     given back."""
     from alternas.errors import ConfigError
-    from alternas.search.buildup import EvaluationRequest
+    from alternas.search.evaluated import EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
 
     first = SharedEvaluations(study_from_dict(_study(tmp_path, buildup={"min_gain": 0.0})), log=lambda _: None)
@@ -439,7 +442,7 @@ def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp
     """Its settings carry no pool_seed_variance: it decided without pooling, so resuming it with pooling (the
     default now) would replay other decisions: refused, naming the key; without pooling it resumes."""
     from alternas.errors import ConfigError
-    from alternas.search.buildup import EvaluationRequest
+    from alternas.search.evaluated import EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
 
     config = study_from_dict(_study(tmp_path))
@@ -457,7 +460,7 @@ def test_a_worker_whose_data_gives_another_split_is_refused_before_it_trains(tmp
     """Another machine recorded a run validated on a split this machine's data does not give: joining that search
     stops with one line naming the run before anything trains here (it used to train a child first)."""
     from alternas.errors import AlternasError
-    from alternas.search.buildup import Evaluated, EvaluationRequest
+    from alternas.search.evaluated import Evaluated, EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
     from alternas.search.evaluator import CandidateResult
 
@@ -472,7 +475,7 @@ def test_a_worker_whose_data_gives_another_split_is_refused_before_it_trains(tmp
 
 
 def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path) -> None:
-    from alternas.search.buildup import Evaluated, EvaluationRequest
+    from alternas.search.evaluated import Evaluated, EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
     from alternas.search.evaluator import CandidateResult
 
@@ -480,7 +483,7 @@ def test_a_result_for_a_trial_another_worker_failed_is_stored_not_lost(tmp_path)
     board = SharedEvaluations(config, log=lambda _: None)
     request = EvaluationRequest("CC,CC,CC,CC", 0, "k0")
     trial_id = board.claim(request)
-    board.study._storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)  # another worker's verdict
+    board.storage.set_trial_state_values(trial_id, optuna.trial.TrialState.FAIL)  # another worker's verdict
     result = CandidateResult("k0", "CC,CC,CC,CC", 0, 0, "tiny", 1, None, "completed", val_acc=50.0)
     board.record(trial_id, Evaluated(result, {1: np.array([True, False])}, 1))
     done = board.snapshot().done[request.id]
@@ -598,7 +601,7 @@ def test_evidence_of_two_validation_splits_is_never_paired(tmp_path) -> None:
 def test_a_paired_look_refuses_evidence_of_two_splits_naming_both_runs() -> None:
     """The last guard, where two candidates' evidence meets: runs recorded with different split digests."""
     from alternas.errors import AlternasError
-    from alternas.search.buildup import Evaluated, same_split
+    from alternas.search.evaluated import Evaluated, same_split
     from alternas.search.evaluator import CandidateResult
 
     def run(key: str, placement: str, digest: str | None) -> Evaluated:

@@ -92,7 +92,7 @@ def test_the_build_up_replayed_on_a_table_with_a_helping_msa_finds_it_and_an_alw
 def test_each_comparison_borrows_the_seed_variance_of_the_study_s_earlier_ones() -> None:
     """The first comparison has nothing to borrow; every later look says how many df it borrowed (the earlier
     comparisons' seeds minus one each); switched off, none does."""
-    from alternas.search.buildup import replay_buildup
+    from alternas.search.planner import replay_buildup
     from alternas.search.replay import table_lookup
 
     table = hand_made_table({HELPS: 3.0}, seed_sd=1.0)

@@ -134,52 +134,11 @@ class AlterNet(nn.Module):
                                                ("attn_act_layer", attn_act_layer)) if isinstance(v, str)}
         norm, act, attn_act = get_norm_layer(norm_layer), get_act_layer(act_layer), get_act_layer(attn_act_layer)
 
-        b = self.base
-        sizes = feature_sizes(self.img_size, b.num_stages, self.stem_pool)
-        stem_layers: dict[str, nn.Module] = {}
-        if self.stem_pool:
-            stem_layers["conv"] = nn.Conv2d(in_chans, b.stem_width, 7, stride=2, padding=3, bias=False)
-            stem_layers["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        else:
-            stem_layers["conv"] = nn.Conv2d(in_chans, b.stem_width, 3, stride=1, padding=1, bias=False)
-        self.stem = nn.Sequential(OrderedDict(stem_layers))
-        reduction = self.img_size // sizes[0]
-        infos = [BlockInfo("stem", -1, 0, "stem", self.stem_pool, in_chans, b.stem_width, sizes[0])]
-        # module paths as timm's FeatureListNet sees them with flatten_sequential (the stem is a Sequential)
-        stem_out = f"stem.{next(reversed(stem_layers))}"
-        self.feature_info = [dict(num_chs=b.stem_width, reduction=reduction, module=stem_out)]
-
-        # Linear stochastic-depth schedule over all blocks of all stages: 0 for the first, drop_path for the last.
-        total = sum(self.placement.depths)
-        rates = [drop_path_rate * j / max(total - 1, 1) for j in range(total)]
-        conv_cls = CONV_BLOCKS[b.block]
-        channels, j = b.stem_width, 0
-        stages = []
-        for s, letters in enumerate(self.placement.stages):
-            blocks = []
-            for i, letter in enumerate(letters):
-                stride = 2 if (s > 0 and i == 0) else 1
-                if letter == "M":
-                    block: nn.Module = MSABlock(
-                        channels, b.widths[s], expansion=b.expansion, heads=b.heads[s], dim_head=b.dim_head,
-                        window_size=self.window_size, stride=stride, drop_path=rates[j], norm_layer=norm,
-                        act_layer=attn_act,
-                    )
-                else:
-                    block = conv_cls(channels, b.widths[s], stride=stride, drop_path=rates[j], norm_layer=norm,
-                                     act_layer=act)
-                out = b.widths[s] * b.expansion
-                infos.append(BlockInfo(
-                    f"stages.{s}.{i}", s, i, "msa" if letter == "M" else "conv", stride != 1, channels, out,
-                    sizes[s], b.heads[s] if letter == "M" else 0, self.window_size if letter == "M" else 0,
-                ))
-                blocks.append(block)
-                channels, j = out, j + 1
-            stages.append(nn.Sequential(*blocks))
-            reduction = self.img_size // sizes[s]
-            self.feature_info.append(dict(num_chs=channels, reduction=reduction, module=f"stages.{s}"))
-        self.stages = nn.Sequential(*stages)
-        self.block_infos: tuple[BlockInfo, ...] = tuple(infos)
+        sizes = feature_sizes(self.img_size, self.base.num_stages, self.stem_pool)
+        self.stem, stem_info, stem_feature = self._make_stem(in_chans, sizes[0])
+        self.stages, channels, infos, features = self._make_stages(sizes, norm, act, attn_act)
+        self.block_infos: tuple[BlockInfo, ...] = (stem_info, *infos)
+        self.feature_info = [stem_feature, *features]
 
         self.num_features = self.head_hidden_size = channels
         self.final_norm = norm(channels)
@@ -196,6 +155,57 @@ class AlterNet(nn.Module):
                     module.zero_init_last()
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+
+    def _make_stem(self, in_chans: int, size: int) -> tuple[nn.Sequential, BlockInfo, dict[str, Any]]:
+        """A 7x7 stride-2 conv and a max pool (ImageNet-sized inputs), else one 3x3 conv (CIFAR-sized); with its
+        ``BlockInfo`` and ``feature_info`` entry."""
+        width = self.base.stem_width
+        layers: dict[str, nn.Module] = {}
+        if self.stem_pool:
+            layers["conv"] = nn.Conv2d(in_chans, width, 7, stride=2, padding=3, bias=False)
+            layers["pool"] = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        else:
+            layers["conv"] = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
+        info = BlockInfo("stem", -1, 0, "stem", self.stem_pool, in_chans, width, size)
+        # module paths as timm's FeatureListNet sees them with flatten_sequential (the stem is a Sequential)
+        feature = dict(num_chs=width, reduction=self.img_size // size, module=f"stem.{next(reversed(layers))}")
+        return nn.Sequential(OrderedDict(layers)), info, feature
+
+    def _make_stages(self, sizes: list[int], norm: LayerType, act: LayerType, attn_act: LayerType
+                     ) -> tuple[nn.Sequential, int, list[BlockInfo], list[dict[str, Any]]]:
+        """The stages, block by block as the placement says: (the stages, the channels they end with, each block's
+        ``BlockInfo``, each stage's ``feature_info`` entry)."""
+        b = self.base
+        # Linear stochastic-depth schedule over all blocks of all stages: 0 for the first, drop_path for the last.
+        total = sum(self.placement.depths)
+        rates = iter([self.drop_path_rate * j / max(total - 1, 1) for j in range(total)])
+        channels, stages, infos, features = b.stem_width, [], [], []
+        for s, letters in enumerate(self.placement.stages):
+            blocks = []
+            for i, letter in enumerate(letters):
+                stride = 2 if (s > 0 and i == 0) else 1
+                blocks.append(self._make_block(letter, s, channels, stride, next(rates), norm, act, attn_act))
+                out = b.widths[s] * b.expansion
+                msa = letter == "M"
+                infos.append(BlockInfo(
+                    f"stages.{s}.{i}", s, i, "msa" if msa else "conv", stride != 1, channels, out, sizes[s],
+                    b.heads[s] if msa else 0, self.window_size if msa else 0,
+                ))
+                channels = out
+            stages.append(nn.Sequential(*blocks))
+            features.append(dict(num_chs=channels, reduction=self.img_size // sizes[s], module=f"stages.{s}"))
+        return nn.Sequential(*stages), channels, infos, features
+
+    def _make_block(self, letter: str, stage: int, channels: int, stride: int, drop_path: float, norm: LayerType,
+                    act: LayerType, attn_act: LayerType) -> nn.Module:
+        """An MSA block (rule 3: the base gives later stages more heads) or the base's Conv block."""
+        b = self.base
+        if letter == "M":
+            return MSABlock(channels, b.widths[stage], expansion=b.expansion, heads=b.heads[stage],
+                            dim_head=b.dim_head, window_size=self.window_size, stride=stride, drop_path=drop_path,
+                            norm_layer=norm, act_layer=attn_act)
+        return CONV_BLOCKS[b.block](channels, b.widths[stage], stride=stride, drop_path=drop_path, norm_layer=norm,
+                                    act_layer=act)
 
     def init_weights(self) -> None:
         """timm's ResNet initialisation: He-normal convs (fan-out), unit BN, small normal classifier; the

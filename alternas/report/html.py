@@ -181,8 +181,8 @@ def _results_table(study_dir: Path) -> tuple[str, pd.DataFrame | None]:
 def _paired_cells(theirs: list[Any], best: list[Any], seeds: list[int], confidence: float) -> str:
     """Gain, interval and seeds of one row of the paired table, or why the row has none."""
     from alternas.errors import AlternasError
-    from alternas.search.buildup import same_split
     from alternas.search.decision import compare_paired
+    from alternas.search.evaluated import same_split
 
     if not seeds:
         return "<td colspan=3>no shared seed with the best trial</td>"
@@ -264,7 +264,7 @@ def _optuna_section(study_dir: Path, storage: str | None) -> tuple[list[go.Figur
 def _paired_table(study_dir: Path, ranked: list[Any], confidence: float) -> str:
     """The top trials' paired gains against the best trial (on the seeds both trained), and the build-up's choice
     against the same best when the folder has one: differences among the top trials are often inside the noise."""
-    from alternas.search.buildup import Evaluated
+    from alternas.search.evaluated import Evaluated
     from alternas.search.selection import load_results
 
     results = load_results(study_dir)

@@ -216,6 +216,64 @@ class SequentialOutcome:
         return self.final.n_seeds
 
 
+class SeedRace:
+    """Racing over seeds in ask-and-tell form: ``wanted`` is how many seeds the next look needs, ``tell`` gives it
+    their (k, n_examples) child and parent arrays, ``outcome`` says how it ended once decided.
+
+    The first look is at ``min_seeds``; while undecided and seeds remain, one more seed and look again. Undecided at
+    ``max_seeds`` (or when fewer rows than asked for came: the pool ran out) is a reject decided by the seed budget
+    (the rule: "if it does not improve"). The accept level is raised for the planned looks (module docstring);
+    ``borrow`` is the study's pooled seed variance.
+    """
+
+    def __init__(self, *, min_seeds: int, max_seeds: int, min_gain: float = 0.0, confidence: float = 0.9,
+                 borrow: SeedVariance | None = None) -> None:
+        if not 1 <= min_seeds <= max_seeds:
+            raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
+        self.max_seeds, self.min_gain, self.confidence, self.borrow = max_seeds, min_gain, confidence, borrow
+        self.planned = max_seeds - min_seeds + 1
+        self.looks: list[Comparison] = []
+        self.outcome: SequentialOutcome | None = None
+        self._k: int | None = min_seeds
+
+    @property
+    def wanted(self) -> int | None:
+        """Seeds the next look needs; ``None`` once decided."""
+        return self._k
+
+    def tell(self, child: np.ndarray, parent: np.ndarray) -> tuple[Comparison, bool]:
+        """Look at the evidence of ``wanted`` seeds: (the look, whether a seed is added for another look)."""
+        k = self._require()
+        look = compare_paired(child, parent, self.min_gain, self.confidence, looks=self.planned, borrow=self.borrow)
+        self.looks.append(look)
+        more = look.decision == "undecided" and k < self.max_seeds and len(child) == k
+        if look.decision != "undecided":
+            self._end(look.decision, "confidence")
+        elif more:
+            self._k = k + 1
+        else:
+            self._end("reject", "seed budget")
+        return look, more
+
+    def skip(self) -> None:
+        """No look at ``wanted`` seeds (a what-if replay of the build-up assumed it undecided): on to the next."""
+        k = self._require()
+        if k < self.max_seeds:
+            self._k = k + 1
+        else:
+            self._end("reject", "seed budget")
+
+    def _require(self) -> int:
+        if self._k is None:
+            raise RuntimeError("the race is decided: nothing more to look at")
+        return self._k
+
+    def _end(self, decision: str, decided_by: str) -> None:
+        if not self.looks:
+            raise RuntimeError("a race cannot end without a look")
+        self.outcome, self._k = SequentialOutcome(self.looks[-1], decision, decided_by, list(self.looks)), None
+
+
 def sequential_compare(
     evidence: Callable[[int], tuple[np.ndarray, np.ndarray] | None],
     *,
@@ -226,30 +284,18 @@ def sequential_compare(
     on_look: Callable[[Comparison, int, bool], None] | None = None,
     borrow: SeedVariance | None = None,
 ) -> SequentialOutcome:
-    """Racing over seeds: look with ``min_seeds``, and while undecided and seeds remain, add one and look again.
-
-    ``evidence(k)`` returns the (k, n_examples) child and parent arrays of the first ``k`` seeds (training what is
-    missing); fewer rows mean the seed pool ran out, and ``None`` skips the look at ``k`` (a what-if replay of the
-    build-up assumes that look undecided). Undecided at ``max_seeds`` (or at the end of the pool) is a reject
-    decided by the seed budget (the rule: "if it does not improve"). ``on_look(comparison, seeds, will_add_seed)``
-    lets the caller report each look; ``borrow`` is the study's pooled seed variance (see the module docstring).
-    """
-    if not 1 <= min_seeds <= max_seeds:
-        raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
-    planned = max_seeds - min_seeds + 1
-    looks: list[Comparison] = []
-    for k in range(min_seeds, max_seeds + 1):
+    """A ``SeedRace`` run to its end: ``evidence(k)`` returns the (k, n_examples) child and parent arrays of the
+    first ``k`` seeds (fewer rows: the pool ran out; ``None``: no look at ``k``), ``on_look(comparison, seeds,
+    will_add_seed)`` lets the caller report each look."""
+    race = SeedRace(min_seeds=min_seeds, max_seeds=max_seeds, min_gain=min_gain, confidence=confidence,
+                    borrow=borrow)
+    while (k := race.wanted) is not None:
         arrays = evidence(k)
-        if arrays is None:  # no look at k seeds (a what-if replay assumed it undecided)
+        if arrays is None:
+            race.skip()
             continue
-        child, parent = arrays
-        look = compare_paired(child, parent, min_gain, confidence, looks=planned, borrow=borrow)
-        looks.append(look)
-        more = look.decision == "undecided" and k < max_seeds and len(child) == k
+        look, more = race.tell(*arrays)
         if on_look is not None:
             on_look(look, look.n_seeds, more)
-        if look.decision != "undecided":
-            return SequentialOutcome(look, look.decision, "confidence", looks)
-        if not more:
-            break
-    return SequentialOutcome(looks[-1], "reject", "seed budget", looks)
+    assert race.outcome is not None
+    return race.outcome

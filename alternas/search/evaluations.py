@@ -29,9 +29,9 @@ from optuna.distributions import IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from alternas.errors import ConfigError
-from alternas.search.buildup import Evaluated, EvaluationRequest
+from alternas.search.evaluated import Evaluated, EvaluationRequest
 from alternas.search.evaluator import CandidateResult, content_digest, training_settings, warm_recipe
-from alternas.search.storage import Heartbeat, fail_dead_workers, mark_worker, open_storage, worker_attrs
+from alternas.search.storage import Heartbeat, beats, fail_dead_workers, mark_worker, open_storage, worker_attrs
 from alternas.search.study import StudyConfig
 from alternas.search.table import start_placement
 
@@ -82,6 +82,7 @@ class SharedEvaluations:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(study_name=f"{oc.study_name or config.name}{SUFFIX}", storage=self.storage,
                                          load_if_exists=True, direction="maximize")
+        self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
         self._check_joins(config)
         self.me = worker_attrs()
         self._decoded: dict[int, Evaluated] = {}
@@ -171,30 +172,34 @@ class SharedEvaluations:
         if not any(t.state == TrialState.WAITING for t in twins):
             self.study.add_trial(self._waiting_trial(request))
             twins = self._trials(request.id)
-        # The study's own (cached) storage, so that its listing sees the claim. Optuna's public API cannot claim a
-        # chosen WAITING trial (``study.ask`` pops the oldest one), so this uses the storage's compare-and-set, as
-        # ``study.ask`` itself does, through ``_storage`` and ``_trial_id``.
-        storage = self.study._storage
+        # ``study.ask`` cannot claim a chosen WAITING trial (it pops the oldest one): this uses the storage's public
+        # compare-and-set, as ``study.ask`` itself does. Writes through the storage the study was opened on are the
+        # study's (its cache re-reads unfinished trials).
+        storage = self.storage
         for trial in sorted((t for t in twins if t.state == TrialState.WAITING), key=lambda t: t.number):
+            trial_id = self._id(trial)
             try:
-                if storage.set_trial_state_values(trial._trial_id, TrialState.RUNNING):
+                if storage.set_trial_state_values(trial_id, TrialState.RUNNING):
                     break
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
         else:
             return None
-        mark_worker(trial._trial_id, storage)
-        if getattr(storage, "get_heartbeat_interval", lambda: None)():  # a worker killed before its heartbeat
-            storage.record_heartbeat(trial._trial_id)  # thread starts must still go stale, not stay RUNNING
-        if any(self._taken(t) for t in self._trials(request.id) if t._trial_id != trial._trial_id):
-            self.release(trial._trial_id, "twin")  # another worker claimed a twin first
+        mark_worker(trial_id, storage)
+        if beats(storage):  # a worker killed before its heartbeat thread starts must still go stale, not stay RUNNING
+            storage.record_heartbeat(trial_id)
+        if any(self._taken(t) for t in self._trials(request.id) if t.number != trial.number):
+            self.release(trial_id, "twin")  # another worker claimed a twin first
             return None
         try:  # read again at every claim: a worker that started in the same instant may have stored its own
             self._refuse_other_settings()
         except ConfigError:
-            self.release(trial._trial_id, "other settings")
+            self.release(trial_id, "other settings")
             raise
-        return trial._trial_id
+        return trial_id
+
+    def _id(self, trial: FrozenTrial) -> int:
+        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
 
     def _waiting_trial(self, request: EvaluationRequest) -> FrozenTrial:
         epochs = request.stop_after or (warm_recipe(self.config) if request.parent_key
@@ -209,7 +214,7 @@ class SharedEvaluations:
     def record(self, trial_id: int, evaluated: Evaluated) -> None:
         """Finish a claimed trial with its result: COMPLETE, or FAIL for a crash (kept for the record, asked for
         again)."""
-        storage, result = self.study._storage, evaluated.result
+        storage, result = self.storage, evaluated.result
         first = next(iter(evaluated.correct.values()), None)
         attrs = {"result": asdict(result), "n_examples": 0 if first is None else len(first),
                  "correct": {str(e): encode_correct(c) for e, c in evaluated.correct.items()},
@@ -223,7 +228,7 @@ class SharedEvaluations:
         except optuna.exceptions.UpdateFinishedTrialError:
             # another worker failed the claim as stale (a heartbeat that could not reach the storage): the work is
             # done all the same, so it is stored as a finished trial of its own rather than lost
-            claimed = self.study._storage.get_trial(trial_id)
+            claimed = self.storage.get_trial(trial_id)
             self.study.add_trial(optuna.trial.create_trial(
                 state=state, values=values, params=claimed.params, distributions=claimed.distributions,
                 user_attrs={**claimed.user_attrs, **worker_attrs(), **attrs}))
@@ -232,10 +237,9 @@ class SharedEvaluations:
 
     def release(self, trial_id: int, why: str) -> None:
         """Give a claimed trial up without a result (interrupted, cancelled, a twin): it will be asked for again."""
-        storage = self.study._storage
         try:
-            storage.set_trial_user_attr(trial_id, "released", why)
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+            self.storage.set_trial_user_attr(trial_id, "released", why)
+            self.storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # already failed as stale by another worker
 
@@ -243,4 +247,4 @@ class SharedEvaluations:
         return Heartbeat(self.storage, trial_id, self.log)
 
     def fail_dead_workers(self) -> int:
-        return fail_dead_workers(self.study, self.log, requeue=False)
+        return fail_dead_workers(self.study, self.storage, self.log, requeue=False)

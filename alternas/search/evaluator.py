@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import shutil
+import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -94,6 +95,20 @@ class CandidateResult:
     def from_dict(cls, data: dict[str, Any]) -> CandidateResult:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def mean_over(runs: Iterable[CandidateResult], attr: str) -> float | None:
+    """The mean of ``attr`` over the runs that have it (``None`` if none do): a placement's figure over its seeds."""
+    values = [getattr(r, attr) for r in runs if getattr(r, attr) is not None]
+    return statistics.fmean(values) if values else None
+
+
+def score_over(runs: Iterable[CandidateResult]) -> tuple[float | None, float | None]:
+    """(mean, sample SD) of the validation accuracy of the completed ``runs``: a placement's score over its seeds."""
+    scores = [r.val_acc for r in runs if r.status == "completed" and r.val_acc is not None]
+    if not scores:
+        return None, None
+    return statistics.fmean(scores), statistics.stdev(scores) if len(scores) > 1 else 0.0
 
 
 def _read_result(path: Path) -> CandidateResult | None:

@@ -26,7 +26,7 @@ from alternas.data.augment import check_full_batch
 from alternas.data.datasets import DataSplits, load_data
 from alternas.errors import AlternasError, ConfigError, PlacementError
 from alternas.placement import Placement
-from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator
+from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator, mean_over
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
 from alternas.search.storage import JOURNAL, fail_dead_workers, open_storage, worker_attrs
 from alternas.search.study import Pruner, Sampler, StudyConfig, StudyFolder
@@ -131,7 +131,7 @@ def run_optuna(
     study.set_user_attr("selection_split", "test" if config.data.val_fraction == 0 else "val")
     if config.data.val_fraction == 0:
         log(SELECTS_ON_TEST)
-    fail_dead_workers(study, log)  # failed and re-queued now, so that they do not count as running below
+    fail_dead_workers(study, opened, log)  # failed and re-queued now, so that they do not count as running below
     for label, placement in _known_placements(config, space):
         params = space.encode(placement)
         if params is None:
@@ -217,7 +217,7 @@ class _Objective:
             self.log(f"[trial {trial.number}] {len(unfinished)} of {len(runs)} seeds did not complete (seed "
                      f"{first.seed}: {first.status}) (pruned)")
             raise optuna.TrialPruned(f"{len(unfinished)} of {len(runs)} seeds ended {first.status}: {first.error}")
-        values = [statistics.fmean(getattr(r, OBJECTIVES[n][0]) for r in runs) for n in self.names]
+        values = [mean_over(runs, OBJECTIVES[n][0]) for n in self.names]
         self.log(f"    {', '.join(f'{n} {v:.4g}' for n, v in zip(self.names, values))}")
         return values if self.multi else values[0]
 
@@ -243,14 +243,9 @@ class _Objective:
 
     def _record(self, trial: optuna.Trial, runs: list[CandidateResult]) -> None:
         done = [r for r in runs if r.status == "completed"]
-
-        def mean(attr: str) -> float | None:
-            values = [getattr(r, attr) for r in done if getattr(r, attr) is not None]
-            return statistics.fmean(values) if values else None
-
         for attr in ("val_acc", "val_nll", "val_ece", "test_acc", "lambda_max", "nep", "ape", "robustness",
                      "images_per_s"):
-            trial.set_user_attr(attr, mean(attr))
+            trial.set_user_attr(attr, mean_over(done, attr))
         trial.set_user_attr("params", runs[0].params)
         trial.set_user_attr("flops", runs[0].flops)
         trial.set_user_attr("delta_high", done[0].delta_high if done else {})

@@ -6,10 +6,11 @@ answering every evaluation it asks for from the table, and scores what it decide
 it did **not** use: a placement's true accuracy is its mean over the held-out seeds. So a search is never graded
 by the noise it decided with.
 
-Strategies: ``buildup`` (the real ``replay_buildup`` with the study's settings: every decision rule, screening and
-seed racing as a worker runs them) and Optuna's samplers ``tpe``, ``random`` and ``qmc`` over the same placements,
-each given the build-up's candidate-epochs of the same pool (paired budgets; a placement is trained with every
-pool seed once, and a repeat costs nothing, as the evaluator's cache makes it). Per strategy, over the pools:
+Strategies: ``buildup`` (the real ``BuildupSearch``, asked and told from the table, with the study's settings:
+every decision rule, screening and seed racing as a worker runs them) and Optuna's samplers ``tpe``, ``random``
+and ``qmc`` over the same placements, each given the build-up's candidate-epochs of the same pool (paired budgets;
+a placement is trained with every pool seed once, and a repeat costs nothing, as the evaluator's cache makes it).
+Per strategy, over the pools:
 
 * ``p_best``: how often the final placement is the true best;
 * ``regret_pp``: true accuracy of the true best minus that of the final placement;
@@ -37,9 +38,11 @@ import numpy as np
 from alternas.errors import ConfigError
 from alternas.models.bases import get_base
 from alternas.placement import Placement
-from alternas.search.buildup import Evaluated, replay_buildup, screen_epoch
 from alternas.search.decision import SeedVariance, SequentialOutcome, sequential_compare
+from alternas.search.evaluated import Evaluated, evaluation_id
 from alternas.search.evaluator import CandidateResult, candidate_key
+from alternas.search.planner import BuildupSearch
+from alternas.search.race import screen_epoch
 from alternas.search.spaces import InvalidCandidate, SearchSpace, StageSpace, space_from_dict
 from alternas.search.study import StudyConfig
 from alternas.search.table import Table, start_placement
@@ -137,11 +140,17 @@ def replay_buildup_on(table: Table, config: StudyConfig, truth: Truth,
                       keys: dict[tuple, str] | None = None) -> Outcome:
     """The build-up of ``config`` (its seeds are the pool) answered by ``table`` (``lookup``: ``table_lookup``'s,
     ``keys``: cache keys memoised across replays)."""
-    replay = replay_buildup(config, lookup or table_lookup(table, config), keys=keys)
-    if replay.blocked is not None:
-        missing = replay.blocked.requests[0]
-        raise ConfigError(f"the table has no run of {missing.placement} with seed {missing.seed}, which the "
-                          "build-up asks for; complete it with `alternas table` (or check the study's start)")
+    lookup = lookup or table_lookup(table, config)
+    search = BuildupSearch(config, keys=keys)
+    while requests := search.ask():  # the table answers every evaluation the search asks for with the whole run
+        for request in requests:  # (which answers a screening look too)
+            whole = evaluation_id(request.key)
+            found = lookup(whole)
+            if found is None:
+                raise ConfigError(f"the table has no run of {request.placement} with seed {request.seed}, which the "
+                                  "build-up asks for; complete it with `alternas table` (or check the study's start)")
+            search.tell(whole, found)
+    replay = search.replay
     cost = {(r.placement, r.seed): float(r.epochs_trained) for r in (e.result for e in replay.fetched.values())}
     screen = screen_epoch(config)
     outcome = Outcome(replay.best)

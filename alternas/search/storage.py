@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import psutil
 from optuna.trial import TrialState
 
 from alternas.errors import ConfigError
@@ -80,15 +81,26 @@ def mark_worker(trial_id: int, storage: Any) -> None:
         storage.set_trial_user_attr(trial_id, key, value)
 
 
-def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: bool = True) -> int:
+def trial_id_of(storage: Any, study: optuna.Study, number: int) -> int:
+    """The storage's id of ``study``'s trial ``number``, through the storage's public API (a ``FrozenTrial``'s own
+    ``_trial_id`` is private). ``storage`` is the one the study was opened on: writes through it are the study's."""
+    return storage.get_trial_id_from_study_id_trial_number(storage.get_study_id_from_name(study.study_name), number)
+
+
+def beats(storage: Any) -> bool:
+    """Whether ``storage`` keeps heartbeats (an RDB storage opened with an interval; the journal file does not)."""
+    return isinstance(storage, optuna.storages.RDBStorage) and bool(storage.get_heartbeat_interval())
+
+
+def fail_dead_workers(study: optuna.Study, storage: Any, log: Callable[[str], None], requeue: bool = True) -> int:
     """Fail the RUNNING trials whose worker is gone: stale heartbeats on an RDB storage (any host), and on the
     journal file (no heartbeats) trials started on this host by a process that no longer exists. With ``requeue``
     a failed trial is enqueued again with the same parameters (the Optuna search; the build-up asks again by
-    itself)."""
+    itself). ``storage`` is the one ``study`` was opened on."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats (the journal file)
-    if getattr(study._storage, "get_heartbeat_interval", lambda: None)():
+    if beats(storage):
         return 0  # liveness is the heartbeat's job: a pid says nothing of a container that shares the host name
     host = socket.gethostname()
     failed = 0
@@ -97,10 +109,10 @@ def fail_dead_workers(study: optuna.Study, log: Callable[[str], None], requeue: 
         worker_host, _, pid = worker.rpartition(":")
         if worker_host != host or not pid.isdigit() or alive(int(pid), trial.user_attrs.get("worker_started")):
             continue
-        # Optuna has no public API that fails another process's trial (``study.tell`` refuses a trial it did not
-        # start); this is what Optuna's own ``fail_stale_trials`` does, through the same private attributes.
+        # ``study.tell`` refuses a trial this process did not start: the storage's own compare-and-set fails it, as
+        # Optuna's ``fail_stale_trials`` does
         try:
-            study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            storage.set_trial_state_values(trial_id_of(storage, study, trial.number), state=TrialState.FAIL)
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another worker starting at the same time failed it first
         if requeue:
@@ -125,12 +137,11 @@ def alive(pid: int, started: str | None = None) -> bool:
 
 
 def process_start(pid: int) -> str | None:
-    """The start time of ``pid`` in clock ticks since boot (Linux ``/proc``; ``None`` where unavailable)."""
+    """When ``pid`` started (psutil's creation time, seconds since the epoch, as text); ``None`` where unknown."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return repr(psutil.Process(pid).create_time())
+    except (psutil.Error, OSError):
         return None
-    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the parenthesised command name
 
 
 def _first_line(err: Exception) -> str:
@@ -169,7 +180,7 @@ class Heartbeat:
 
     def __init__(self, storage: Any, trial_id: int, log: Callable[[str], None] = print) -> None:
         self.storage, self.trial_id, self.log = storage, trial_id, log
-        self.interval = storage.get_heartbeat_interval() if isinstance(storage, optuna.storages.RDBStorage) else None
+        self.interval = storage.get_heartbeat_interval() if beats(storage) else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
