@@ -17,6 +17,9 @@ The claims (PAPER.md §5-7), and one the paper never tested:
   there in the all-Conv start (same seed: position-matched, §7);
 * ``diagnostics_predict_gains``: across the evaluated children, do λ_max or the high-frequency score rank the
   accuracy gains?
+
+Why one module over the ~400-line guide: the claims are one catalogue, printed in this order, each a short function
+over the same per-seed records and interval helpers.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Each command parses options, calls the library and prints. Library errors (``AlternasError``) become one line on
 stderr and exit code 2; Ctrl-C exits 130 after the library has saved what it computed.
+
+Why one module over the ~400-line guide: every command's options and help texts sit together, as click apps keep
+them (the docs' CLI page is generated from them), and each command body is a few lines over the library.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from alternas.data import datasets
-from alternas.data.datasets import IDX_FILES, DataConfig, load_data
+from alternas.data import readers
+from alternas.data.datasets import DataConfig, load_data
+from alternas.data.readers import IDX_FILES
 from alternas.errors import DataError
 from tests.helpers import run_cli, write_idx
 
@@ -105,7 +106,7 @@ def test_idx_labels_out_of_range(tmp_path) -> None:
 
 @pytest.mark.parametrize("name", ["fashion-mnist", "mnist", "kmnist"])
 def test_idx_offline_and_nowhere_is_one_line(tmp_path, monkeypatch, name: str) -> None:
-    monkeypatch.setattr(datasets, "IDX_SYSTEM_PATHS", {"fashion-mnist": tmp_path / "no-package"})
+    monkeypatch.setattr(readers, "IDX_SYSTEM_PATHS", {"fashion-mnist": tmp_path / "no-package"})
     with pytest.raises(DataError) as err:
         load_data(DataConfig(name, root=str(tmp_path / "data")))
     message = str(err.value)

@@ -328,7 +328,8 @@ def test_dead_workers_trial_is_requeued_once_even_by_two_workers(tmp_path, monke
 def test_a_reused_pid_does_not_count_as_the_dead_worker() -> None:
     me = os.getpid()
     assert alive(me, process_start(me))
-    assert not alive(me, "1")  # this pid, but a process started at another time: the recorded worker is gone
+    assert not alive(me, "1.0")  # this pid, but a process started at another time: the recorded worker is gone
+    assert alive(me, "123456")  # clock ticks recorded by an older alternas: not comparable, so not taken as gone
 
 
 # -- 10. atomic writes -----------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def test_a_folder_larger_than_the_memory_cap_streams_where_decoding_it_fails(tmp
 
 
 def test_the_streaming_benchmark_times_both_paths_on_one_generated_folder() -> None:
-    from alternas.bench import SPEED_BENCHMARKS, describe, streaming_epoch_time
+    from alternas.bench import SPEED_BENCHMARKS, describe
+    from alternas.bench.speed import streaming_epoch_time
     from alternas.cli import BENCHMARKS
 
     assert set(BENCHMARKS) == set(SPEED_BENCHMARKS)  # the CLI's choices are the library's benchmarks

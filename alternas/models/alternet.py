@@ -3,6 +3,10 @@
 Topology (PAPER.md §1.1): stem -> stages -> BN -> ReLU -> global average pool -> linear. The model speaks timm
 (``forward_features``/``forward_head``/``reset_classifier``/``pretrained_cfg``) and exposes its blocks in forward
 order with tags (``units()``), which the diagnostics hook.
+
+Why one module over the ~400-line guide: the model and the timm interface it must speak (features, heads, grad
+checkpointing, ``forward_intermediates``, TorchScript/FX-friendly annotations) belong to one class; the
+blocks are in ``blocks.py`` and the bases in ``bases.py``.
 """
 
 # No ``from __future__ import annotations`` here: FX copies ``forward``'s annotations into the code it generates,

@@ -31,7 +31,16 @@ from optuna.trial import FrozenTrial, TrialState
 from alternas.errors import ConfigError
 from alternas.search.evaluated import Evaluated, EvaluationRequest
 from alternas.search.evaluator import CandidateResult, content_digest, training_settings, warm_recipe
-from alternas.search.storage import Heartbeat, beats, fail_dead_workers, mark_worker, open_storage, worker_attrs
+from alternas.search.storage import (
+    Heartbeat,
+    beats,
+    fail_dead_workers,
+    mark_worker,
+    open_storage,
+    same_start,
+    trial_id_of,
+    worker_attrs,
+)
 from alternas.search.study import StudyConfig
 from alternas.search.table import start_placement
 
@@ -82,7 +91,6 @@ class SharedEvaluations:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.study = optuna.create_study(study_name=f"{oc.study_name or config.name}{SUFFIX}", storage=self.storage,
                                          load_if_exists=True, direction="maximize")
-        self.study_id = self.storage.get_study_id_from_name(self.study.study_name)
         self._check_joins(config)
         self.me = worker_attrs()
         self._decoded: dict[int, Evaluated] = {}
@@ -127,7 +135,9 @@ class SharedEvaluations:
                 and (evaluation is None or t.user_attrs["evaluation"] == evaluation)]
 
     def _mine(self, trial: FrozenTrial) -> bool:
-        return all(trial.user_attrs.get(k) == v for k, v in self.me.items())
+        attrs = trial.user_attrs
+        return attrs.get("worker") == self.me["worker"] and bool(
+            same_start(attrs.get("worker_started"), self.me["worker_started"]))
 
     def _counts(self, trial: FrozenTrial) -> bool:
         """Whether a finished trial stands for its evaluation in this worker's view: a COMPLETE one (a crash is a
@@ -199,7 +209,7 @@ class SharedEvaluations:
         return trial_id
 
     def _id(self, trial: FrozenTrial) -> int:
-        return self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+        return trial_id_of(self.storage, self.study, trial.number)
 
     def _waiting_trial(self, request: EvaluationRequest) -> FrozenTrial:
         epochs = request.stop_after or (warm_recipe(self.config) if request.parent_key

@@ -7,6 +7,9 @@ never trained again, whichever search asks, and an interrupted one resumes from 
 What is final: ``completed`` and ``diverged`` (deterministic for the seed; ``retry_failed`` re-runs a divergence).
 A crash (``failed``: out of memory, a dead worker, a bug) is recorded but retried by the next run. A user error
 (``AlternasError``: missing data, an unbuildable placement) stops the search and caches nothing.
+
+Why one module over the ~400-line guide: a candidate's life (key, cache, lock, train, diagnose, record) is one
+transaction over one folder, and its steps share that folder's locking and write-once rules.
 """
 
 from __future__ import annotations

@@ -217,7 +217,7 @@ class _Objective:
             self.log(f"[trial {trial.number}] {len(unfinished)} of {len(runs)} seeds did not complete (seed "
                      f"{first.seed}: {first.status}) (pruned)")
             raise optuna.TrialPruned(f"{len(unfinished)} of {len(runs)} seeds ended {first.status}: {first.error}")
-        values = [mean_over(runs, OBJECTIVES[n][0]) for n in self.names]
+        values = [statistics.fmean(getattr(r, OBJECTIVES[n][0]) for r in runs) for n in self.names]
         self.log(f"    {', '.join(f'{n} {v:.4g}' for n, v in zip(self.names, values))}")
         return values if self.multi else values[0]
 

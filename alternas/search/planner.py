@@ -106,7 +106,8 @@ class BuildupSearch:
         self._replay: Replay | None = None
 
     def tell(self, evaluation_id: str, evaluated: Evaluated) -> None:
-        """A finished evaluation (a crash too: it is asked for again, never decided on)."""
+        """A finished evaluation, by its id (``evaluation_id``). A crashed one is never decided on: it is asked for
+        again."""
         if self.known.get(evaluation_id) is not evaluated:
             self.known[evaluation_id] = evaluated
             self._replay = None
@@ -122,10 +123,6 @@ class BuildupSearch:
         if self._replay is None:
             self._replay = replay_buildup(self.config, self.known.get, say=self.say, keys=self.keys)
         return self._replay
-
-    @property
-    def finished(self) -> bool:
-        return self.replay.stopped_by is not None
 
     def what_if(self, assume: Iterable[str]) -> Blocked | None:
         """Where the search would wait next if its pending looks ended as ``assume`` says, in order (``None``: it

@@ -146,7 +146,7 @@ def replay_buildup_on(table: Table, config: StudyConfig, truth: Truth,
         for request in requests:  # (which answers a screening look too)
             whole = evaluation_id(request.key)
             found = lookup(whole)
-            if found is None:
+            if found is None or whole in search.known:  # none, or one the search cannot use (a crash)
                 raise ConfigError(f"the table has no run of {request.placement} with seed {request.seed}, which the "
                                   "build-up asks for; complete it with `alternas table` (or check the study's start)")
             search.tell(whole, found)

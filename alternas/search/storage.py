@@ -132,8 +132,10 @@ def alive(pid: int, started: str | None = None) -> bool:
         return False
     except PermissionError:
         pass
-    now = process_start(pid)
-    return started is None or now is None or now == started
+    return same_start(started, process_start(pid)) is not False
+
+
+START_TOLERANCE_S = 2.0  # psutil derives a start time from the boot time, which a step of the system clock moves
 
 
 def process_start(pid: int) -> str | None:
@@ -141,6 +143,17 @@ def process_start(pid: int) -> str | None:
     try:
         return repr(psutil.Process(pid).create_time())
     except (psutil.Error, OSError):
+        return None
+
+
+def same_start(recorded: str | None, now: str | None) -> bool | None:
+    """Whether two start times (``process_start``) name one process, to ``START_TOLERANCE_S``; ``None`` when either
+    is unknown, or was recorded by an older alternas as clock ticks since boot (a whole number: not comparable)."""
+    if recorded is None or now is None or "." not in recorded or "." not in now:
+        return None
+    try:
+        return abs(float(recorded) - float(now)) <= START_TOLERANCE_S
+    except ValueError:
         return None
 
 

@@ -1,25 +1,23 @@
-"""Side-by-side speed measurements (``alternas bench``), interleaved in one process so that a shared, noisy
-machine affects both arms alike. Not part of the test run."""
+"""Side-by-side speed measurements (``alternas bench attention layout pipeline streaming hessian fourier``),
+interleaved in one process so that a shared, noisy machine affects both arms alike. Not part of the test run."""
 
 from __future__ import annotations
 
 import itertools
 import statistics
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import replace
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from alternas.bench.decisions import describe_agreement
 from alternas.data.datasets import DataConfig, load_data
 from alternas.data.loader import TensorLoader, pil_loader
 from alternas.errors import ConfigError
 from alternas.models import build_model
 from alternas.models.blocks import AttentionPath
-from alternas.search.planner import WHAT_IFS
 from alternas.train.fit import pick_device, training_autocast, training_memory_format
 
 
@@ -299,71 +297,6 @@ def fourier_vs_forward(rounds: int = 5, batch: int = 64, device: str | None = No
     return {"device": str(dev), "batch": batch, "seconds": times, "ratio": times["profile"] / times["forward"]}
 
 
-def _epochs_trained(study_dir) -> int:
-    """Every epoch the study's runs trained, finished or not (a screened child stops early, with no result)."""
-    import json
-
-    return sum(len(json.loads(p.read_text()).get("history", [])) for p in study_dir.glob("candidates/*/metrics.json"))
-
-
-def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, out: str | None = None,
-                       overrides: dict | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the build-up of ``study`` on ``pools`` disjoint seed pools (each as large as the study's) and measure
-    how far its answer depends on the seeds: agreement of the final placements, seeds and candidate-epochs per
-    decision, the start placement's spread over seeds, and wall time. Each pool has its own study folder under
-    ``out`` (default ``studies/<name>-decisions``), so an interrupted benchmark resumes."""
-    from collections import Counter
-    from pathlib import Path
-
-    from alternas.search import load_study, run_buildup, with_overrides
-    from alternas.search.selection import load_results
-
-    config = load_study(study)
-    if overrides:
-        config = with_overrides(config, overrides)
-    size = len(config.seeds)
-    root = Path(out) if out else Path("studies") / f"{config.name}-decisions"
-    runs = []
-    for k in range(pools):
-        seeds = tuple(range(k * size, (k + 1) * size))
-        # each pool is its own search: its own study in a shared storage too (one policy, one seed pool per study)
-        pool_config = replace(config, seeds=seeds, output=str(root / f"pool-{k}"),
-                              optuna=replace(config.optuna, study_name=f"{config.optuna.study_name or config.name}"
-                                                                       f"-pool-{k}"))
-        began = time.perf_counter()
-        outcome = run_buildup(pool_config, quiet=True, log=lambda _: None)
-        wall = time.perf_counter() - began
-        decided = [s for s in outcome.steps if s.decision != "start"]
-        results = load_results(root / f"pool-{k}")
-        start_accs = [r.val_acc for r in results.values()
-                      if r.placement == outcome.steps[0].placement and r.status == "completed" and r.parent is None]
-        runs.append({
-            "seeds": list(seeds), "best": outcome.best, "wall_s": wall, "decisions": len(decided),
-            "steps": [[s.placement, s.decision, s.decided_by] for s in decided],
-            "seeds_per_decision": statistics.fmean(len(s.seeds_used) for s in decided) if decided else 0.0,
-            "candidate_epochs": _epochs_trained(root / f"pool-{k}"),
-            "budget_decided": sum(s.decided_by == "seed budget" for s in decided),
-            "screened": sum(s.decided_by == "screen" for s in decided),
-            "start_acc_sd": statistics.stdev(start_accs) if len(start_accs) > 1 else 0.0,
-            "start_acc_mean": statistics.fmean(start_accs) if start_accs else None,
-        })
-        r = runs[-1]
-        log(f"pool {k} seeds {seeds[0]}-{seeds[-1]}: best {r['best']}  {r['decisions']} decisions, "
-            f"{r['seeds_per_decision']:.2f} seeds/decision ({r['budget_decided']} by seed budget, {r['screened']} "
-            f"screened), {r['candidate_epochs']} candidate-epochs, start {r['start_acc_mean']:.2f} ± "
-            f"{r['start_acc_sd']:.2f} over {len(start_accs)} seeds, {wall:.0f} s")
-    best, count = Counter(r["best"] for r in runs).most_common(1)[0]
-    decisions = sum(r["decisions"] for r in runs)
-    return {
-        "study": study, "pools": pools, "pool_size": size, "runs": runs, "modal_best": best,
-        "agreement": count / pools,
-        "seeds_per_decision": sum(r["seeds_per_decision"] * r["decisions"] for r in runs) / max(decisions, 1),
-        "candidate_epochs_per_decision": sum(r["candidate_epochs"] for r in runs) / max(decisions, 1),
-        "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
-        "wall_s_max": max(r["wall_s"] for r in runs),
-    }
-
-
 # the speed benchmarks `alternas bench` runs by default: name -> run(rounds, device) with that benchmark's rounds
 SPEED_BENCHMARKS: dict[str, Callable[..., dict]] = {
     "attention": lambda rounds, device: attention_throughput(rounds=rounds, device=device),
@@ -377,6 +310,8 @@ SPEED_BENCHMARKS: dict[str, Callable[..., dict]] = {
 
 def describe(name: str, r: dict) -> str:
     """One line of a benchmark's result, as ``alternas bench`` prints it."""
+    if name == "decisions":
+        return describe_agreement(r)
     if name == "attention":
         tr, inf = r["train_img_per_s"], r["infer_img_per_s"]
         return (f"attention: AlterNet-50 CIFAR-100, 32 px, batch 32 on {r['device']}: train img/s default "
@@ -411,132 +346,4 @@ def describe(name: str, r: dict) -> str:
         return (f"fourier: AlterNet-50 CIFAR-100, batch {r['batch']} on {r['device']}: Fourier+variance "
                 f"profile {r['seconds']['profile']:.3f} s, forward {r['seconds']['forward']:.3f} s "
                 f"-> {r['ratio']:.2f}x a forward pass")
-    if name == "decisions":
-        return (f"decisions: {r['study']} on {r['pools']} disjoint pools of {r['pool_size']} seeds: final "
-                f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
-                f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
-                f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
-                f"(max {r['wall_s_max']:.0f} s)")
     raise ConfigError(f"no benchmark named {name!r}; choose one of: {', '.join([*SPEED_BENCHMARKS, 'decisions'])}")
-
-
-# PAPER.md §3.3: the authors' CIFAR-100 build-up, placement -> accuracy (%)
-PAPER_BUILDUP = {
-    "CCC,CCCC,CCCCCC,CCCC": 82.48, "CCC,CCCC,CCCCCC,CCCM": 83.45, "CCC,CCCC,CCCCCC,CMCM": 83.66,
-    "CCC,CCCC,CCCCCM,CMCM": 83.77, "CCC,CCCC,CCCMCM,CMCM": 83.52, "CCC,CCCC,CMCMCM,CMCM": 83.19,
-    "CCC,CCCM,CCCCCM,CMCM": 84.02, "CCC,CMCM,CCCCCM,CMCM": 83.39, "CCM,CCCM,CCCCCM,CMCM": 83.80,
-}
-
-
-class SimulatedTraining:
-    """Outcomes of a paper-like build-up without training: each (placement, seed) run gets an accuracy (PAPER.md
-    §3.3's value, or for a placement the paper did not train 84.02 minus up to 1.2 pp), seed noise of ``seed_sd``
-    pp, per-example correctness correlated across runs through a shared example difficulty (``rho``), and a
-    duration of one time unit (a from-scratch run of the base) plus 5 % per MSA, with 10 % log-normal jitter."""
-
-    def __init__(self, examples: int = 2000, seed: int = 0, seed_sd: float = 0.3, rho: float = 0.6) -> None:
-        self.seed, self.seed_sd, self.rho = seed, seed_sd, rho
-        self.difficulty = np.random.default_rng([seed, 0]).standard_normal(examples)
-
-    def accuracy(self, placement: str) -> float:
-        if placement in PAPER_BUILDUP:
-            return PAPER_BUILDUP[placement]
-        return 84.02 - 1.2 * (zlib.crc32(f"{self.seed}:{placement}".encode()) % 1000) / 1000
-
-    def _rng(self, request) -> np.random.Generator:
-        return np.random.default_rng([self.seed, zlib.crc32(request.placement.encode()), request.seed])
-
-    def duration(self, request) -> float:
-        num_msa = request.placement.count("M")
-        return (1 + 0.05 * num_msa) * float(np.exp(self._rng(request).normal(0, 0.1)))
-
-    def evaluate(self, request, config):
-        from scipy.stats import norm
-
-        from alternas.search.evaluated import Evaluated
-        from alternas.search.evaluator import CandidateResult
-
-        rng = self._rng(request)
-        rng.normal()  # the duration's draw
-        acc = (self.accuracy(request.placement) + rng.normal(0, self.seed_sd)) / 100
-        score = np.sqrt(self.rho) * self.difficulty + np.sqrt(1 - self.rho) * rng.standard_normal(len(self.difficulty))
-        correct = score < norm.ppf(acc)
-        epochs = config.recipe.total_epochs
-        result = CandidateResult(request.key, request.placement, request.placement.count("M"), request.seed,
-                                 config.base, epochs, None, "completed", val_acc=100 * float(correct.mean()),
-                                 wall_time=self.duration(request), epochs_trained=epochs)
-        return Evaluated(result, {epochs: correct}, epochs)
-
-
-def simulate_buildup(config, world: SimulatedTraining, workers: int, what_ifs: int = WHAT_IFS) -> dict:
-    """Discrete-event run of ``workers`` build-up workers on simulated training: each idle worker takes the most
-    needed evaluation nobody runs (the real planner, ``plan_buildup``), and a running evaluation nobody needs any
-    more is stopped. Returns the wall time, the work per evaluation and the decisions."""
-    from collections import defaultdict
-
-    from alternas.search.planner import BuildupSearch, plan_buildup
-
-    search = BuildupSearch(config)
-    running: dict[str, tuple[float, float, object]] = {}  # evaluation id -> (start, finish, request)
-    work: dict[str, float] = defaultdict(float)
-    clock = 0.0
-    while True:
-        plan = plan_buildup(search, what_ifs=what_ifs)
-        if plan.replay.stopped_by is not None:
-            break
-        needed = {request.id for request, _ in plan.requests}
-        for eid in [e for e in running if e not in needed]:
-            work[eid] += clock - running.pop(eid)[0]
-        for request, _ in plan.requests:
-            if len(running) >= workers:
-                break
-            if request.id not in running:
-                running[request.id] = (clock, clock + world.duration(request), request)
-        eid = min(running, key=lambda e: running[e][1])
-        start, clock, request = running.pop(eid)
-        work[eid] += clock - start
-        search.tell(eid, world.evaluate(request, config))
-    for eid, (start, _, _) in running.items():  # speculation still running when the search ended
-        work[eid] += clock - start
-    steps = [(s.placement, s.decision, tuple(s.seeds_used)) for s in plan.replay.policy.steps]
-    return {"wall": clock, "work": dict(work), "steps": steps, "best": plan.replay.best}
-
-
-def buildup_workers(worker_counts: tuple[int, ...] = (1, 2, 4, 8), min_seeds: int = 3, max_seeds: int = 5,
-                    worlds: int = 5, examples: int = 2000, log: Callable[[str], None] = print) -> list[dict]:
-    """The many-worker build-up, simulated: the paper's CIFAR-100 build-up (patience 1, min gain 0, confidence
-    0.9, ``min_seeds`` to ``max_seeds`` seeds per comparison) on ``worlds`` simulated seed-noise worlds, for each
-    worker count: wall-time speedup over one worker, the fraction of work no decision used (speculation), and
-    whether the decisions equal one worker's."""
-    from alternas.search import study_from_dict
-
-    config = study_from_dict({
-        "name": "simulated", "base": "resnet50", "seeds": list(range(max_seeds)), "data": {"name": "cifar100"},
-        "recipe": "paper", "diagnostics": {"hessian": False, "fourier": False},
-        "buildup": {"start": next(iter(PAPER_BUILDUP)), "min_gain": 0.0, "patience": 1, "confidence": 0.9,
-                    "min_seeds": min_seeds, "max_seeds": max_seeds}}, "simulation")
-    rows = []
-    singles = []
-    for w in range(worlds):
-        world = SimulatedTraining(examples, seed=w)
-        single = simulate_buildup(config, world, 1)
-        singles.append((world, single))
-    for workers in worker_counts:
-        speedups, wasted, same = [], [], 0
-        for world, single in singles:
-            run = single if workers == 1 else simulate_buildup(config, world, workers)
-            useful = sum(single["work"].values())
-            total = sum(run["work"].values())
-            speedups.append(single["wall"] / run["wall"])
-            wasted.append(max(0.0, 1 - useful / total))
-            same += run["steps"] == single["steps"]
-        rows.append({"workers": workers, "speedup": statistics.fmean(speedups), "speedup_min": min(speedups),
-                     "speedup_max": max(speedups), "efficiency": statistics.fmean(speedups) / workers,
-                     "wasted_fraction": statistics.fmean(wasted), "same_decisions": same == worlds,
-                     "worlds": worlds, "decisions_per_world": statistics.fmean(len(s["steps"]) - 1
-                                                                              for _, s in singles)})
-        r = rows[-1]
-        log(f"{workers} workers: speedup {r['speedup']:.2f}x [{r['speedup_min']:.2f}, {r['speedup_max']:.2f}] "
-            f"({r['efficiency']:.0%} of {workers}), wasted {r['wasted_fraction']:.1%}, same decisions in "
-            f"{same}/{worlds} worlds")
-    return rows

@@ -1,0 +1,83 @@
+"""How far a study's answer depends on its seeds (``alternas bench decisions``): its build-up run on disjoint seed
+pools, minutes per pool."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+
+def _epochs_trained(study_dir) -> int:
+    """Every epoch the study's runs trained, finished or not (a screened child stops early, with no result)."""
+    import json
+
+    return sum(len(json.loads(p.read_text()).get("history", [])) for p in study_dir.glob("candidates/*/metrics.json"))
+
+
+def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, out: str | None = None,
+                       overrides: dict | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the build-up of ``study`` on ``pools`` disjoint seed pools (each as large as the study's) and measure
+    how far its answer depends on the seeds: agreement of the final placements, seeds and candidate-epochs per
+    decision, the start placement's spread over seeds, and wall time. Each pool has its own study folder under
+    ``out`` (default ``studies/<name>-decisions``), so an interrupted benchmark resumes."""
+    from collections import Counter
+    from pathlib import Path
+
+    from alternas.search import load_study, run_buildup, with_overrides
+    from alternas.search.selection import load_results
+
+    config = load_study(study)
+    if overrides:
+        config = with_overrides(config, overrides)
+    size = len(config.seeds)
+    root = Path(out) if out else Path("studies") / f"{config.name}-decisions"
+    runs = []
+    for k in range(pools):
+        seeds = tuple(range(k * size, (k + 1) * size))
+        # each pool is its own search: its own study in a shared storage too (one policy, one seed pool per study)
+        pool_config = replace(config, seeds=seeds, output=str(root / f"pool-{k}"),
+                              optuna=replace(config.optuna, study_name=f"{config.optuna.study_name or config.name}"
+                                                                       f"-pool-{k}"))
+        began = time.perf_counter()
+        outcome = run_buildup(pool_config, quiet=True, log=lambda _: None)
+        wall = time.perf_counter() - began
+        decided = [s for s in outcome.steps if s.decision != "start"]
+        results = load_results(root / f"pool-{k}")
+        start_accs = [r.val_acc for r in results.values()
+                      if r.placement == outcome.steps[0].placement and r.status == "completed" and r.parent is None]
+        runs.append({
+            "seeds": list(seeds), "best": outcome.best, "wall_s": wall, "decisions": len(decided),
+            "steps": [[s.placement, s.decision, s.decided_by] for s in decided],
+            "seeds_per_decision": statistics.fmean(len(s.seeds_used) for s in decided) if decided else 0.0,
+            "candidate_epochs": _epochs_trained(root / f"pool-{k}"),
+            "budget_decided": sum(s.decided_by == "seed budget" for s in decided),
+            "screened": sum(s.decided_by == "screen" for s in decided),
+            "start_acc_sd": statistics.stdev(start_accs) if len(start_accs) > 1 else 0.0,
+            "start_acc_mean": statistics.fmean(start_accs) if start_accs else None,
+        })
+        r = runs[-1]
+        log(f"pool {k} seeds {seeds[0]}-{seeds[-1]}: best {r['best']}  {r['decisions']} decisions, "
+            f"{r['seeds_per_decision']:.2f} seeds/decision ({r['budget_decided']} by seed budget, {r['screened']} "
+            f"screened), {r['candidate_epochs']} candidate-epochs, start {r['start_acc_mean']:.2f} ± "
+            f"{r['start_acc_sd']:.2f} over {len(start_accs)} seeds, {wall:.0f} s")
+    best, count = Counter(r["best"] for r in runs).most_common(1)[0]
+    decisions = sum(r["decisions"] for r in runs)
+    return {
+        "study": study, "pools": pools, "pool_size": size, "runs": runs, "modal_best": best,
+        "agreement": count / pools,
+        "seeds_per_decision": sum(r["seeds_per_decision"] * r["decisions"] for r in runs) / max(decisions, 1),
+        "candidate_epochs_per_decision": sum(r["candidate_epochs"] for r in runs) / max(decisions, 1),
+        "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
+        "wall_s_max": max(r["wall_s"] for r in runs),
+    }
+
+
+def describe_agreement(r: dict) -> str:
+    """One line of ``decision_agreement``'s result."""
+    return (f"decisions: {r['study']} on {r['pools']} disjoint pools of {r['pool_size']} seeds: final "
+            f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
+            f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
+            f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
+            f"(max {r['wall_s_max']:.0f} s)")
