@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -105,9 +106,11 @@ def seed_interval(by_seed: dict[int, float], confidence: float, unit: str = "") 
     mean = float(values.mean())
     if n < 2:
         return Estimate(mean, (float("nan"), float("nan")), n, unit)
-    if np.ptp(values) == 0:  # every seed agrees: no spread to scale a t by (scipy would warn of precision loss)
+    if np.ptp(values) == 0:  # every seed agrees: no spread to scale a t by
         return Estimate(mean, (mean, mean), n, unit)
-    low, high = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
+    with warnings.catch_warnings():  # nearly equal seeds: scipy warns of precision loss in its moments; the interval
+        warnings.simplefilter("ignore", RuntimeWarning)  # is as narrow as they are, which is the answer
+        low, high = stats.ttest_1samp(values, 0.0).confidence_interval(confidence)
     return Estimate(mean, (float(low), float(high)), n, unit)
 
 

@@ -32,3 +32,15 @@ def test_a_local_copy_of_a_study_or_space_wins_over_the_shipped_one(tmp_path, mo
     assert load_study("studies/quickstart.yaml").name == "mine"
     with pytest.raises(ConfigError, match="no search space for base 'resnet34' \\(shipped: resnet18, resnet50, tiny"):
         default_space_path("resnet34")
+
+
+def test_every_package_of_the_source_tree_is_in_the_wheel() -> None:
+    """pyproject lists the packages by hand (the data folders are mapped in): a new sub-package left out of that
+    list would be missing from the wheel, and only its command would fail, far from here."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "alternas").rglob("__init__.py")}
+    assert found and found <= listed, sorted(found - listed)

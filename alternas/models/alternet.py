@@ -7,6 +7,10 @@ order with tags (``units()``), which the diagnostics hook.
 Why one module over the ~400-line guide: the model and the timm interface it must speak (features, heads, grad
 checkpointing, ``forward_intermediates``, TorchScript/FX-friendly annotations) belong to one class; the
 blocks are in ``blocks.py`` and the bases in ``bases.py``.
+
+One private import: timm (1.0.31) exports ``feature_take_indices`` only from ``timm.models._features``, where its own
+models import it, and no upstream issue asks to export it (searched); a timm release that moves it fails
+``tests/test_timm_models.py`` first.
 """
 
 # No ``from __future__ import annotations`` here: FX copies ``forward``'s annotations into the code it generates,
@@ -21,7 +25,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import create_classifier, get_act_layer, get_norm_layer
 from timm.models import checkpoint_seq, named_apply
-from timm.models._features import feature_take_indices  # timm exports it only from the private module
+from timm.models._features import feature_take_indices  # private: see the module docstring
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
