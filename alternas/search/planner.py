@@ -4,8 +4,9 @@
 replayed from what is known rather than stepped: ``replay_buildup`` drives the policy (``alternas.search.policy``)
 with the race (``alternas.search.race``) and stops at the first look that lacks evidence, naming every evaluation
 that look needs. ``BuildupSearch`` wraps it as Optuna's ask-and-tell does a study: ``tell`` it finished
-evaluations, ``ask`` it which it needs next. The worker loop, the what-if planner and the table replay all drive it
-that way, and any number of workers make the same decisions, since the same evaluations replay to the same ones.
+evaluations, ``ask`` it which it needs next. The worker loop, the what-if planner and the table replay (which gives it
+the table as a bulk ``lookup``) all drive it, and any number of workers make the same decisions, since the same
+evaluations replay to the same ones.
 
 ``plan_buildup`` also replays what-if branches of the pending look (accepted, rejected, or undecided and asking
 for more seeds, weighted by its ``p_gain``) to rank speculative evaluations by how likely each is to be needed.
@@ -96,14 +97,21 @@ class BuildupSearch:
 
     It never trains, waits or raises to say that it needs more: whoever drives it (a worker on a shared storage, a
     table's replay, the many-worker simulation) runs what ``ask`` names and tells the results. ``say`` receives
-    the terminal lines of the decisions, each once per key.
+    the terminal lines of the decisions, each once per key. ``lookup`` answers, by evaluation id, what was never
+    told: evaluations known in bulk (a table), so that they are not told one ask at a time, each ask a replay.
     """
 
-    def __init__(self, config: StudyConfig, say: Say = _silent, keys: dict[tuple, str] | None = None) -> None:
-        self.config, self.say = config, say
+    def __init__(self, config: StudyConfig, say: Say = _silent, keys: dict[tuple, str] | None = None,
+                 lookup: Lookup | None = None) -> None:
+        self.config, self.say, self.lookup = config, say, lookup
         self.keys: dict[tuple, str] = {} if keys is None else keys  # cache keys, memoised across replays
         self.known: dict[str, Evaluated] = {}
         self._replay: Replay | None = None
+
+    def _find(self, evaluation_id: str) -> Evaluated | None:
+        """What was told, else what ``lookup`` (evaluations known in bulk: a table) holds."""
+        found = self.known.get(evaluation_id)
+        return found if found is not None or self.lookup is None else self.lookup(evaluation_id)
 
     def tell(self, evaluation_id: str, evaluated: Evaluated) -> None:
         """A finished evaluation, by its id (``evaluation_id``). A crashed one is never decided on: it is asked for
@@ -121,13 +129,13 @@ class BuildupSearch:
     def replay(self) -> Replay:
         """Every decision the known evaluations allow, and where the search waits (``blocked``) or why it stopped."""
         if self._replay is None:
-            self._replay = replay_buildup(self.config, self.known.get, say=self.say, keys=self.keys)
+            self._replay = replay_buildup(self.config, self._find, say=self.say, keys=self.keys)
         return self._replay
 
     def what_if(self, assume: Iterable[str]) -> Blocked | None:
         """Where the search would wait next if its pending looks ended as ``assume`` says, in order (``None``: it
         would end)."""
-        return replay_buildup(self.config, self.known.get, assume=assume, keys=self.keys).blocked
+        return replay_buildup(self.config, self._find, assume=assume, keys=self.keys).blocked
 
 
 @dataclass

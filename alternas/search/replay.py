@@ -6,7 +6,7 @@ answering every evaluation it asks for from the table, and scores what it decide
 it did **not** use: a placement's true accuracy is its mean over the held-out seeds. So a search is never graded
 by the noise it decided with.
 
-Strategies: ``buildup`` (the real ``BuildupSearch``, asked and told from the table, with the study's settings:
+Strategies: ``buildup`` (the real ``BuildupSearch``, answered by the table, with the study's settings:
 every decision rule, screening and seed racing as a worker runs them) and Optuna's samplers ``tpe``, ``random``
 and ``qmc`` over the same placements, each given the build-up's candidate-epochs of the same pool (paired budgets;
 a placement is trained with every pool seed once, and a repeat costs nothing, as the evaluator's cache makes it).
@@ -39,7 +39,7 @@ from alternas.errors import ConfigError
 from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.search.decision import SeedVariance, SequentialOutcome, sequential_compare
-from alternas.search.evaluated import Evaluated, evaluation_id
+from alternas.search.evaluated import Evaluated
 from alternas.search.evaluator import CandidateResult, candidate_key
 from alternas.search.planner import BuildupSearch
 from alternas.search.race import screen_epoch
@@ -140,16 +140,11 @@ def replay_buildup_on(table: Table, config: StudyConfig, truth: Truth,
                       keys: dict[tuple, str] | None = None) -> Outcome:
     """The build-up of ``config`` (its seeds are the pool) answered by ``table`` (``lookup``: ``table_lookup``'s,
     ``keys``: cache keys memoised across replays)."""
-    lookup = lookup or table_lookup(table, config)
-    search = BuildupSearch(config, keys=keys)
-    while requests := search.ask():  # the table answers every evaluation the search asks for with the whole run
-        for request in requests:  # (which answers a screening look too)
-            whole = evaluation_id(request.key)
-            found = lookup(whole)
-            if found is None or whole in search.known:  # none, or one the search cannot use (a crash)
-                raise ConfigError(f"the table has no run of {request.placement} with seed {request.seed}, which the "
-                                  "build-up asks for; complete it with `alternas table` (or check the study's start)")
-            search.tell(whole, found)
+    search = BuildupSearch(config, keys=keys, lookup=lookup or table_lookup(table, config))
+    if missing := search.ask():  # the table answers all it holds: what is still asked for, it lacks (or ran crashed)
+        request = missing[0]
+        raise ConfigError(f"the table has no run of {request.placement} with seed {request.seed}, which the "
+                          "build-up asks for; complete it with `alternas table` (or check the study's start)")
     replay = search.replay
     cost = {(r.placement, r.seed): float(r.epochs_trained) for r in (e.result for e in replay.fetched.values())}
     screen = screen_epoch(config)
