@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +13,7 @@ from alternas.placement import Placement
 from alternas.search import BuildupPolicy, Evaluator, load_study, run_buildup, study_from_dict
 from alternas.search.evaluator import candidate_key
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate, run_cli, small_study
+from tests.helpers import AlternasProcess, kill_mid_candidate, run_alternas, run_cli, small_study
 
 PAPER_CIFAR100 = {  # PAPER.md §3.3, in the order the authors evaluated them
     "CCC,CCCC,CCCCCC,CCCC": (82.48, "start"),
@@ -143,19 +141,19 @@ def test_diverged_candidates_are_recorded_and_the_search_goes_on(tmp_path) -> No
 def test_resume_after_kill_mid_comparison_reuses_finished_runs_and_the_interrupted_epochs(tmp_path) -> None:
     """Seed pool [0, 1], one seed first: at confidence 0.9999 the first look cannot decide, so the comparison adds
     seed 1 (the incumbent's run, then the child's). The process is killed inside the child's seed-1 run."""
-    raw = _study(tmp_path, seeds=[0, 1], data={"subset": 600}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
+    raw = _study(tmp_path, seeds=[0, 1], data={"subset": 300}, recipe={"name": "fast", "epochs": 4, "warmup_epochs": 0},
                  diagnostics={"hessian": False, "fourier": False},
                  buildup={"max_candidates": 2, "min_seeds": 1, "max_seeds": 2, "confidence": 0.9999})
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["buildup", "--study", str(path), "--quiet"]
+    proc = AlternasProcess(args)
     candidates = tmp_path / "study" / "candidates"
     victim, epochs_before = kill_mid_candidate(proc, candidates, after_finished=3)
     done_before = {p: p.stat().st_mtime_ns for p in candidates.glob("*/result.json")}
     assert len(done_before) == 3 and 1 <= len(epochs_before) < 4
 
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = run_alternas(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())  # never retrained
     assert res.stdout.count("] training") == 1  # only the interrupted run, resumed

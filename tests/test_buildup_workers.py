@@ -3,8 +3,6 @@ and on PostgreSQL (same trajectory as one worker, nothing trained twice, a kille
 
 import json
 import os
-import subprocess
-import sys
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -17,7 +15,7 @@ from alternas.bench import PAPER_BUILDUP, SimulatedTraining, buildup_workers, si
 from alternas.search import study_from_dict
 from alternas.search.buildup import _Worker
 from alternas.search.planner import WHAT_IFS, BuildupSearch, plan_buildup
-from tests.helpers import postgres_url, run_cli, small_study
+from tests.helpers import AlternasProcess, postgres_url, run_alternas, run_cli, small_study
 
 PAPER_START = "CCC,CCCC,CCCCCC,CCCC"
 
@@ -80,9 +78,9 @@ def test_bench_buildup_workers_prints_json() -> None:
 
 # -- real workers ------------------------------------------------------------------------------------------------
 def _raw(folder: Path, name: str = "t", **extra) -> dict:
-    return small_study(folder, name=name, seeds=[0, 1, 2], data={"subset": 400},
+    return small_study(folder, name=name, seeds=[0, 1, 2], data={"subset": 200},
                        recipe={"epochs": 2, "batch_size": 64}, diagnostics={"hessian": False, "fourier": False},
-                       buildup={"max_candidates": 4, "min_seeds": 2, "max_seeds": 3, "confidence": 0.8}, **extra)
+                       buildup={"max_candidates": 3, "min_seeds": 2, "max_seeds": 3, "confidence": 0.8}, **extra)
 
 
 def _write(folder: Path, raw: dict) -> Path:
@@ -93,11 +91,10 @@ def _write(folder: Path, raw: dict) -> Path:
 
 
 def _buildup(path: Path, *args: str, env: dict | None = None, wait: bool = True):
-    cmd = [sys.executable, "-m", "alternas", "buildup", "--study", str(path), "--quiet", *args]
-    full_env = {**os.environ, **(env or {})}
+    args = ("buildup", "--study", str(path), "--quiet", *args)
     if wait:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=full_env)
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+        return run_alternas(*args, env=env, timeout=900)
+    return AlternasProcess(args, env=env, merge_stderr=True)
 
 
 def _decisions(folder: Path) -> list[tuple]:

@@ -240,7 +240,8 @@ def test_every_claim_has_the_documented_fields() -> None:
 def test_claims_command_on_a_finished_build_up(tmp_path) -> None:
     raw = small_study(tmp_path, seeds=[0, 1], diagnostics={"noise": True, "noise_images": 60, "lesion": True,
                                                            "lesion_images": 60, "corruptions": True,
-                                                           "corruption_images": 24, "severities": [1, 5]})
+                                                           "corruption_images": 24, "severities": [1, 5]},
+                      buildup={"min_gain": 0.0, "max_candidates": 2})  # the start and one MSA child, 2 seeds each
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(raw))
     res = run_cli("buildup", "--study", str(path))

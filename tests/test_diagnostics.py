@@ -307,14 +307,14 @@ def test_paper_preset_is_the_papers_hessian_protocol_with_counts(tmp_path) -> No
     paper = get_diagnostics("paper")
     assert (paper.hessian_k, paper.hessian_batches, paper.hessian_batch_size) == (5, None, None)
     assert paper.at_epochs == ("warmup",) and paper.fourier_score == "paper" and paper.cka and paper.lesion
-    data = load_data(DataConfig("shapes", subset=100, val_fraction=0.2, seed=0))  # 80 training images
-    recipe = get_recipe("fast", {"batch_size": 40, "mixup": 0.8})
+    data = load_data(DataConfig("shapes", subset=50, val_fraction=0.2, seed=0))  # 40 training images
+    recipe = get_recipe("fast", {"batch_size": 20, "mixup": 0.8})
     model = model_for("CC,CC,CC,CM", "tiny", data, recipe)
     config = get_diagnostics({"preset": "paper", "fourier": False, "noise": False, "lesion": False, "cka": False,
                               "hessian_max_matvecs": 80})
     out = diagnose(model, data, recipe, config)
     spectrum = out["hessian"]
-    assert spectrum["batches"] == 2 and spectrum["k"] == 5  # 80 images / 40 per batch
+    assert spectrum["batches"] == 2 and spectrum["k"] == 5  # 40 images / 20 per batch
     counts = spectrum["counts"]
     assert counts["nep"] == len(spectrum["eigenvalues"]) == 5 * (2 - spectrum["unconverged"]) > 0
     assert counts["lambda_max"] == 2 - spectrum["unconverged"] and counts["ape"] <= counts["nep"]

@@ -3,9 +3,7 @@ run again. The second run must finish with the results of an uninterrupted run, 
 the kill (no candidate trained again from scratch) and leave no file that does not parse."""
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.helpers import postgres_url, small_study
+from tests.helpers import postgres_url, run_alternas, small_study
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURED = ("status", "val_acc", "val_nll", "test_acc", "delta_high", "epochs_trained")
@@ -37,13 +35,8 @@ def _run(command: str, folder: Path, raw: dict, kill_at: str | None = None, stor
          ) -> subprocess.CompletedProcess:
     path = folder / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
-    env = {k: v for k, v in os.environ.items() if k != "ALTERNAS_KILL_AT"}
-    if kill_at:
-        env["ALTERNAS_KILL_AT"] = kill_at
-    args = [sys.executable, "-m", "alternas", command, "--study", str(path), "--quiet"]
-    if storage:
-        args += ["--storage", storage]
-    return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    args = [command, "--study", str(path), "--quiet", *(["--storage", storage] if storage else [])]
+    return run_alternas(*args, env={"ALTERNAS_KILL_AT": kill_at or ""}, cwd=ROOT, timeout=300)
 
 
 def _outcome(folder: Path) -> dict[str, dict]:

@@ -20,7 +20,7 @@ from alternas.search.optuna_search import load_optuna_study, run_optuna
 from alternas.search.spaces import InvalidCandidate, load_space, space_from_dict
 from alternas.search.storage import redact
 from tests.browser import assert_report_renders
-from tests.helpers import kill_mid_candidate, postgres_url, run_cli, write_imagefolder
+from tests.helpers import AlternasProcess, kill_mid_candidate, postgres_url, run_alternas, run_cli, write_imagefolder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,8 +163,7 @@ def _dashboard_figures(journal: Path) -> list[dict]:
 def test_two_concurrent_workers_share_one_study(tmp_path) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_study(tmp_path, trials=6, pruner="none", sampler="random")))
-    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet"]
-    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [AlternasProcess(["optuna", "--study", str(path), "--quiet"]) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[1][-1500:] for o in outputs]
     study = load_optuna_study(study_from_dict(_study(tmp_path)))
@@ -259,8 +258,7 @@ def test_two_workers_on_a_real_postgresql_server(tmp_path) -> None:
     name = f"pg-{uuid.uuid4().hex[:8]}"
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(_study(tmp_path, trials=5, pruner="none", sampler="random", study_name=name)))
-    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet", "--storage", url]
-    workers = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    workers = [AlternasProcess(["optuna", "--study", str(path), "--quiet", "--storage", url]) for _ in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[1][-1500:] for o in outputs]
     password = url.split("://", 1)[1].split("@")[0].partition(":")[2]
@@ -279,19 +277,18 @@ def _killed_and_restarted_worker(tmp_path: Path, storage: str | None, **optuna_s
                                  ) -> tuple[optuna.Study, optuna.trial.FrozenTrial, Path, list[dict], str]:
     """Start a worker, SIGKILL it inside a trial (after an epoch checkpoint), then run a fresh worker to the end."""
     raw = _study(tmp_path, trials=2, pruner="none", sampler="random", **optuna_settings)
-    raw["data"]["subset"] = 600
+    raw["data"]["subset"] = 300
     raw["recipe"]["epochs"] = 4
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(raw))
-    cmd = [sys.executable, "-m", "alternas", "optuna", "--study", str(path), "--quiet"]
-    cmd += ["--storage", storage] if storage else []
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["optuna", "--study", str(path), "--quiet", *(["--storage", storage] if storage else [])]
+    proc = AlternasProcess(args)
     victim, epochs_before = kill_mid_candidate(proc, tmp_path / "study" / "candidates")
     assert 1 <= len(epochs_before) < 4
     config = study_from_dict(raw)
     running = load_optuna_study(config, storage).get_trials(states=(TrialState.RUNNING,))
     assert len(running) == 1  # the killed worker's trial is left RUNNING
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = run_alternas(*args)
     assert res.returncode == 0, res.stderr[-2000:]
     return load_optuna_study(config, storage), running[0], victim, epochs_before, res.stdout
 
