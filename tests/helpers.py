@@ -54,8 +54,6 @@ def write_cifar(root: Path, name: str, n_train: int = 60, n_test: int = 20, seed
         archive = root / f"{folder.name.replace('-batches-py', '-python')}.tar.gz"
         with tarfile.open(archive, "w:gz") as tar:
             tar.add(folder, arcname=folder.name)
-        import shutil
-
         shutil.rmtree(folder)
     return train_labels
 
@@ -111,7 +109,7 @@ def interrupt_after_first_epoch(epoch: int, _: dict) -> None:
         raise KeyboardInterrupt
 
 
-def kill_mid_candidate(proc: subprocess.Popen, candidates: Path, after_finished: int = 0,
+def kill_mid_candidate(proc: subprocess.Popen | AlternasProcess, candidates: Path, after_finished: int = 0,
                        timeout: float = 300) -> tuple[Path, list[dict]]:
     """SIGKILL ``proc``'s process group once a candidate has an epoch checkpoint but no result yet (and at least
     ``after_finished`` candidates are done); returns that candidate's folder and the epochs it had recorded."""
@@ -146,23 +144,27 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     return subprocess.CompletedProcess(["alternas", *args], result.exit_code, result.stdout, stderr)
 
 
-# A server process that imported alternas (torch, timm, optuna) once; every `AlternasProcess` is forked from it.
+# A server process that imported alternas and what its commands import (torch, timm, optuna, pandas, plotly) once;
+# every `AlternasProcess` is forked from it.
 _PRELOADED = multiprocessing.get_context("forkserver")
-_PRELOADED.set_forkserver_preload(["alternas.cli"])
+_PRELOADED.set_forkserver_preload(["alternas.cli", "alternas.search", "alternas.search.optuna_search",
+                                   "alternas.report", "alternas.train.run", "alternas.diagnostics.run"])
+_LIVE: set[AlternasProcess] = set()  # started and not yet waited for
 
 
 def _alternas_child(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_path: str) -> None:
     """What ``python -m alternas ARGS`` does, in a process forked from the preloaded server."""
-    os.setpgrp()  # a process group of its own, as start_new_session gives: killpg reaches it and its workers
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    for fd, path in ((1, out_path), (2, err_path)):
+    for fd, path in ((1, out_path), (2, err_path)):  # first: whatever fails below is in the test's output
         target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(target, fd)
         os.close(target)
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115 (the process's stdout)
-    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)  # noqa: SIM115
+    multiprocessing.set_start_method(None, force=True)  # the platform's default, as in a fresh interpreter
+    os.setpgrp()  # a process group of its own (not a new session): killpg reaches it and the workers it starts
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     from alternas.cli import main
 
     try:
@@ -176,8 +178,9 @@ class AlternasProcess:
     workers it starts), with ``subprocess.Popen``'s ``pid``/``poll``/``wait``/``communicate``/``returncode``.
 
     It is forked from a server that imported alternas once: a fresh interpreter spends ~10 s importing torch, timm
-    and torchvision on a 2-core machine, which was most of the time of the kill and worker tests. The installed
-    console script itself is tested in ``test_cli_arch.py``."""
+    and torchvision on a 2-core machine, which was most of the time of the kill and worker tests. What a fork does
+    not give: a fresh hash seed per process (the worker tests still compare against fresh `--workers`
+    interpreters), and the installed console script (``test_cli_arch.py``, ``test_terminal_output.py`` run it)."""
 
     def __init__(self, args: Sequence[str], env: dict[str, str] | None = None, cwd: str | Path | None = None,
                  merge_stderr: bool = False) -> None:
@@ -190,6 +193,7 @@ class AlternasProcess:
             [*args], {**os.environ, **(env or {})}, str(cwd or os.getcwd()), self._out, self._err))
         self._process.start()
         self.pid = self._process.pid
+        _LIVE.add(self)
 
     @property
     def returncode(self) -> int | None:
@@ -202,15 +206,38 @@ class AlternasProcess:
         self._process.join(timeout)
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
+        _LIVE.discard(self)
         return self._process.exitcode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
         """Wait for the end; (stdout, stderr), stderr None when it went into stdout."""
         self.wait(timeout)
-        out = Path(self._out).read_text() if os.path.exists(self._out) else ""
-        err = None if self._merged else (Path(self._err).read_text() if os.path.exists(self._err) else "")
+        out = self._read(self._out)
+        err = None if self._merged else self._read(self._err)
         shutil.rmtree(self._folder, ignore_errors=True)
         return out, err
+
+    def kill(self) -> None:
+        """SIGKILL its process group (its workers too) and wait for it; its output is dropped."""
+        if self._process.exitcode is None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except ProcessLookupError:  # not yet its own group leader
+                self._process.kill()
+            self._process.join()
+        _LIVE.discard(self)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+    @staticmethod
+    def _read(path: str) -> str:
+        return Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
+
+
+def kill_leftover_processes() -> None:
+    """Kill every `AlternasProcess` a test left running (a failed assertion, a pytest timeout): it would keep
+    training, and multiprocessing would make pytest wait for it at exit."""
+    for process in list(_LIVE):
+        process.kill()
 
 
 def run_alternas(*args: str, env: dict[str, str] | None = None, cwd: str | Path | None = None,
@@ -219,8 +246,8 @@ def run_alternas(*args: str, env: dict[str, str] | None = None, cwd: str | Path 
     process = AlternasProcess(args, env, cwd)
     try:
         out, err = process.communicate(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+    except BaseException:  # a timeout, a pytest timeout, Ctrl-C: never leave it running
+        process.kill()
         raise
     return subprocess.CompletedProcess(process.args, process.returncode, out, err or "")
 
