@@ -149,7 +149,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 _PRELOADED = multiprocessing.get_context("forkserver")
 _PRELOADED.set_forkserver_preload(["alternas.cli", "alternas.search", "alternas.search.optuna_search",
                                    "alternas.report", "alternas.train.run", "alternas.diagnostics.run"])
-_LIVE: set[AlternasProcess] = set()  # started and not yet waited for
+_STARTED: set[AlternasProcess] = set()  # started by this test and not yet cleaned up (killed, folder removed)
 
 
 def _alternas_child(args: list[str], env: dict[str, str], cwd: str, out_path: str, err_path: str) -> None:
@@ -193,7 +193,7 @@ class AlternasProcess:
             [*args], {**os.environ, **(env or {})}, str(cwd or os.getcwd()), self._out, self._err))
         self._process.start()
         self.pid = self._process.pid
-        _LIVE.add(self)
+        _STARTED.add(self)
 
     @property
     def returncode(self) -> int | None:
@@ -206,7 +206,6 @@ class AlternasProcess:
         self._process.join(timeout)
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout)
-        _LIVE.discard(self)
         return self._process.exitcode
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str | None]:
@@ -214,18 +213,18 @@ class AlternasProcess:
         self.wait(timeout)
         out = self._read(self._out)
         err = None if self._merged else self._read(self._err)
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self.kill()  # ended: only its output folder is left to remove
         return out, err
 
     def kill(self) -> None:
-        """SIGKILL its process group (its workers too) and wait for it; its output is dropped."""
+        """SIGKILL its process group (its workers too) if it still runs, wait for it, and drop its output."""
         if self._process.exitcode is None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except ProcessLookupError:  # not yet its own group leader
                 self._process.kill()
             self._process.join()
-        _LIVE.discard(self)
+        _STARTED.discard(self)
         shutil.rmtree(self._folder, ignore_errors=True)
 
     @staticmethod
@@ -233,10 +232,11 @@ class AlternasProcess:
         return Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
 
 
-def kill_leftover_processes() -> None:
+def end_test_processes() -> None:
     """Kill every `AlternasProcess` a test left running (a failed assertion, a pytest timeout): it would keep
-    training, and multiprocessing would make pytest wait for it at exit."""
-    for process in list(_LIVE):
+    training, and multiprocessing would make pytest wait for it at exit. Also remove the output folders of those a
+    test only waited for."""
+    for process in list(_STARTED):
         process.kill()
 
 
