@@ -42,6 +42,7 @@ CIFAR_STATS = {
 IMAGENET_STATS = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 BUILTIN = synthetic.KINDS
 BUILTIN_SIZES = {"train": 6000, "test": 1000}
+BUILTIN_SEEDS = {"train": 1000, "test": 2000}
 # Geometric augmentations a recipe may apply; a dataset names those that change what its labels mean.
 AUGMENTATIONS = ("hflip", "rotate", "shear")
 # textures: a grating's orientation is its label, and a mirror maps θ to 180° − θ (36° <-> 144°, 72° <-> 108°);
@@ -262,6 +263,18 @@ def _image_files(cfg: DataConfig) -> tuple[ImageFiles, ImageFiles, list[str]]:
     return files(train), files(test), classes
 
 
+@functools.lru_cache(maxsize=6)
+def _generated(name: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return synthetic.generate(name, n, seed=seed)
+
+
+def _builtin_split(name: str, split: str) -> ImageData:
+    """A built-in split, generated once per process: generating takes 1-2 s, and a search loads its data for every
+    run and again for its diagnostics. A copy, so that nothing a caller does reaches the cached tensors."""
+    images, labels = _generated(name, BUILTIN_SIZES[split], BUILTIN_SEEDS[split])
+    return ImageData(images.clone(), labels.clone())
+
+
 def _at_size(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, 3, H, W) images resized to ``size`` x ``size`` (antialiased bilinear), in chunks of bounded memory;
     unchanged when they already are that size."""
@@ -310,8 +323,7 @@ def load_data(config: DataConfig | str) -> DataSplits:
     cfg = DataConfig(name=config) if isinstance(config, str) else config
     name = cfg.name
     if name in BUILTIN:
-        train = ImageData(*synthetic.generate(name, BUILTIN_SIZES["train"], seed=1000))
-        test = ImageData(*synthetic.generate(name, BUILTIN_SIZES["test"], seed=2000))
+        train, test = _builtin_split(name, "train"), _builtin_split(name, "test")
         names = list(synthetic.TEXTURE_NAMES if name == "textures" else synthetic.SHAPE_NAMES)
         num_classes = synthetic.NUM_CLASSES
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
