@@ -68,6 +68,21 @@ def test_builtin_generator_is_deterministic_by_seed() -> None:
     assert torch.bincount(la, minlength=10).tolist() == [5] * 10
 
 
+def test_a_builtin_set_is_generated_once_per_process_and_each_load_gets_its_own_copy() -> None:
+    from alternas.data.datasets import BUILTIN_SEEDS, BUILTIN_SIZES, _generated
+
+    config = DataConfig("textures", val_fraction=0.0)  # no subset, no split: the splits are the generated sets
+    first = load_data(config)
+    misses = _generated.cache_info().misses
+    first.train.images.zero_()  # whatever a caller does to its tensors
+    first.test.labels.fill_(0)
+    second = load_data(config)
+    assert _generated.cache_info().misses == misses  # not generated again
+    images, labels = generate("textures", BUILTIN_SIZES["train"], seed=BUILTIN_SEEDS["train"])
+    assert torch.equal(second.train.images, images) and torch.equal(second.train.labels, labels)
+    assert torch.equal(second.test.labels, generate("textures", BUILTIN_SIZES["test"], seed=BUILTIN_SEEDS["test"])[1])
+
+
 def _power_below(components: torch.Tensor, cutoff: float) -> float:
     """Share of spectral power at radial frequency < cutoff (in units of π rad/px), mean removed."""
     c = components - components.mean(dim=(-2, -1), keepdim=True)
