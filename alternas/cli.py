@@ -50,7 +50,7 @@ BASE_HELP = "Base network: resnet18/34/50/101/152 or a CPU-sized tiny/small (see
 WINDOW_HELP = "MSA window; default 4 for images <= 64 px, else 7."
 DATA_HELP = ("cifar10, cifar100, fashion-mnist, mnist, kmnist, torch/NAME (timm's prefix: torch/cifar10 ... and "
              "torch/svhn, torch/stl10, torch/flowers102, torch/dtd, torch/oxford_iiit_pet, torch/food101), shapes, "
-             "textures, cued-shapes or imagefolder:PATH.")
+             "textures, cued-shapes, brightest or imagefolder:PATH.")
 DATA_ROOT_HELP = ("Where datasets live (default $ALTERNAS_DATA, else ~/.cache/alternas/data; Fashion-MNIST also "
                   "/usr/share/datasets/fashion-mnist from Debian's dataset-fashion-mnist).")
 SUBSET_HELP = "Train on a class-balanced subset: a fraction (0-1] or a number of images."

@@ -324,8 +324,8 @@ def load_data(config: DataConfig | str) -> DataSplits:
     name = cfg.name
     if name in BUILTIN:
         train, test = _builtin_split(name, "train"), _builtin_split(name, "test")
-        names = list(synthetic.TEXTURE_NAMES if name == "textures" else synthetic.SHAPE_NAMES)
-        num_classes = synthetic.NUM_CLASSES
+        names = list(synthetic.class_names(name))
+        num_classes = len(names)
         mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
     elif name in CIFAR_STATS:
         train, test, names = load_cifar(name, data_root(cfg.root))
@@ -345,8 +345,8 @@ def load_data(config: DataConfig | str) -> DataSplits:
         mean, std = channel_stats(train.images)  # of the whole training set: the same for every subset and seed
     else:
         raise DataError(f"unknown dataset {name!r}; choose cifar10, cifar100, fashion-mnist, mnist, kmnist, "
-                        f"{', '.join(TORCH_SETS)}, shapes, textures, cued-shapes "
-                        "or imagefolder:PATH")
+                        f"{', '.join(TORCH_SETS)}, shapes, textures, cued-shapes, "
+                        "brightest or imagefolder:PATH")
     for split, held in (("training", train), ("test", test)):
         outside = held.labels[(held.labels < 0) | (held.labels >= num_classes)]
         if len(outside):

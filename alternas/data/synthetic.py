@@ -1,4 +1,4 @@
-"""Built-in procedurally generated datasets: offline, deterministic by seed, 32x32 RGB, 10 classes.
+"""Built-in procedurally generated datasets: offline, deterministic by seed, 32x32 RGB.
 
 They probe the paper's claim that MSAs are low-pass (shape-biased) and Convs high-pass (texture-biased) by
 putting the label in one frequency band only. Every image is the sum of two components:
@@ -13,6 +13,10 @@ putting the label in one frequency band only. Every image is the sum of two comp
 ``textures``: the label picks the grating's (orientation, frequency) pair (high band); the shape is random.
 
 So a model that only sees low frequencies can solve ``shapes`` but not ``textures``, and vice versa.
+
+``cued-shapes`` and ``brightest`` are probes of what an MSA does that a Conv stack followed by an average pool does
+not: a match across the image (``cued-shapes``), and a choice among the image's objects by comparing them, which a
+softmax over tokens makes in one step (``brightest``). See ``cued_component`` and ``brightest_component``.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ import math
 
 import torch
 
-NUM_CLASSES = 10
+NUM_CLASSES = 10  # shapes, textures, cued-shapes; brightest has one class per hue (``class_names``)
 IMAGE_SIZE = 32
-KINDS = ("shapes", "textures", "cued-shapes")
+KINDS = ("shapes", "textures", "cued-shapes", "brightest")
 SHAPE_NAMES = ("disk", "ring", "square", "diamond", "plus", "h-bar", "v-bar", "triangle", "two-dots", "frame")
 # textures: 5 orientations x 2 frequencies (in units of π rad/pixel)
 TEXTURE_CLASSES = tuple((angle, freq) for freq in (0.62, 0.88) for angle in (0.0, 36.0, 72.0, 108.0, 144.0))
@@ -139,6 +143,54 @@ def cued_component(labels: torch.Tensor, gen: torch.Generator, size: int = IMAGE
     return image
 
 
+# brightest: eight squares, one per cell of a 4 x 4 grid (a 32 px image's stage-4 token each); the label is the hue
+# of the brightest. Hues at full brightness (the brightness scales all three channels).
+HUES = {"red": (1.0, 0.1, 0.1), "green": (0.1, 1.0, 0.1), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
+HUE_NAMES = tuple(HUES)
+_SQUARES, _SQUARE_GRID, _SQUARE_SIDE = 8, 4, 6
+_GAP = (0.03, 0.06)  # the brightest is brighter than every other square by at least this much (a draw per image)
+_SPREAD = 0.08  # ... and each other square is dimmer still by up to this much
+
+
+def brightest_component(labels: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """(N, 3, size, size) images of eight squares on a dark background; the label is the hue of the brightest.
+
+    The brightest square's brightness is drawn per image (0.45-0.95), the seven others are dimmer by 3-6 % of full
+    scale plus up to 8 % more, and take any of the four hues, the label's too: so several dimmer squares often share
+    a hue. An average pool adds up per-square evidence, and those dimmer squares outvote the brightest unless a
+    feature grows about exponentially with brightness over the whole range: counting squares per hue or summing
+    their brightness is right on about half of the images, summing exp(10·brightness) on ~70 %, exp(20·brightness)
+    on ~96 % (``tests/test_data.py`` measures it). A softmax over tokens is that exponential, and is blind to the
+    per-image brightness: attention logits that grow with a square's brightness pick the brightest in one step,
+    whatever the image's level.
+    """
+    n = labels.numel()
+    k = len(HUES)
+    hues = torch.cat([labels.view(-1, 1), torch.randint(0, k, (n, _SQUARES - 1), generator=gen)], 1)
+    top = 0.45 + 0.5 * torch.rand(n, 1, generator=gen)
+    gap = _GAP[0] + (_GAP[1] - _GAP[0]) * torch.rand(n, 1, generator=gen)
+    others = top - gap - _SPREAD * torch.rand(n, _SQUARES - 1, generator=gen)
+    brightness = torch.cat([top, others], 1)
+    cells = torch.rand(n, _SQUARE_GRID**2, generator=gen).argsort(1)[:, :_SQUARES]  # distinct cells
+    cell = size // _SQUARE_GRID
+    corner = torch.stack([cells // _SQUARE_GRID, cells % _SQUARE_GRID], -1) * cell
+    corner = corner + torch.randint(0, cell - _SQUARE_SIDE + 1, (n, _SQUARES, 2), generator=gen)
+    colour = torch.tensor(list(HUES.values()))[hues] * brightness.unsqueeze(-1)  # (n, squares, 3)
+    image = (0.06 + 0.04 * torch.rand(n, 1, 1, 1, generator=gen)).expand(n, 3, size, size).clone()
+    coords = torch.arange(size)
+    for j in range(_SQUARES):
+        rows = (coords >= corner[:, j, 0:1]) & (coords < corner[:, j, 0:1] + _SQUARE_SIDE)  # (n, size)
+        cols = (coords >= corner[:, j, 1:2]) & (coords < corner[:, j, 1:2] + _SQUARE_SIDE)
+        inside = (rows.unsqueeze(2) & cols.unsqueeze(1)).unsqueeze(1)  # (n, 1, size, size)
+        image = torch.where(inside, colour[:, j].view(n, 3, 1, 1), image)
+    return image
+
+
+def class_names(kind: str) -> tuple[str, ...]:
+    """The class names of built-in dataset ``kind``, in label order."""
+    return {"textures": TEXTURE_NAMES, "brightest": HUE_NAMES}.get(kind, SHAPE_NAMES)
+
+
 def generate(
     kind: str, n: int, seed: int, size: int = IMAGE_SIZE, return_components: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -149,9 +201,13 @@ def generate(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic dataset {kind!r}")
-    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures") + 7919 * (kind == "cued-shapes"))
-    labels = torch.arange(n) % NUM_CLASSES
+    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures") + 7919 * (kind == "cued-shapes")
+                                        + 104729 * (kind == "brightest"))
+    labels = torch.arange(n) % len(class_names(kind))
     labels = labels[torch.randperm(n, generator=gen)]
+    if kind == "brightest":
+        images = brightest_component(labels, gen, size) + 0.02 * torch.randn(n, 3, size, size, generator=gen)
+        return ((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
     if kind == "cued-shapes":
         images = cued_component(labels, gen, size) + 0.04 * torch.randn(n, 3, size, size, generator=gen)
         return ((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
