@@ -205,3 +205,43 @@ def test_cued_shapes_two_objects_two_colours_and_the_colour_says_nothing_alone()
     centroids = torch.stack([histogram[train][labels[train] == k].mean(0) for k in range(10)])
     accuracy = (torch.cdist(histogram[test], centroids).argmin(1) == labels[test]).float().mean().item()
     assert accuracy < 0.25  # chance is 0.1: which colours appear is independent of the label
+
+
+def _squares(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(present, brightness, hue) of each of the 16 cells of `brightest` images, read off the pixels: a square is
+    the cell's pixels whose brightest channel stands above the dark background."""
+    from alternas.data.synthetic import HUES
+
+    n = len(images)
+    cells = (images.float() / 255).view(n, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(n, 16, 3, 64)
+    peak = cells.amax(2)
+    inside = peak > 0.2
+    present = inside.sum(-1) >= 30
+    brightness = torch.where(inside, peak, torch.nan).nanmedian(-1).values.nan_to_num(0.0)
+    rgb = torch.where(inside.unsqueeze(2), cells, torch.nan).nanmean(-1).nan_to_num(0.0)
+    table = torch.nn.functional.normalize(torch.tensor(list(HUES.values())), dim=-1)
+    hue = (torch.nn.functional.normalize(rgb, dim=-1) @ table.T).argmax(-1)
+    return present, brightness, hue
+
+
+def test_brightest_is_the_hue_of_the_brightest_square_and_an_average_of_evidence_cannot_tell() -> None:
+    """The probe's rule, read off the pixels: eight squares per image, the label is the hue of the brightest.
+    Adding up per-square evidence by hue, what a Conv stack followed by an average pool does, is right only when
+    the evidence grows about exponentially with brightness: counting or summing brightness is right on about half
+    the images, exp(5·b) barely more, and only exp(40·b), a softmax's sharpness, is always right."""
+    images, labels = generate("brightest", 2000, seed=3)
+    assert torch.equal(images, generate("brightest", 2000, seed=3)[0])
+    assert not torch.equal(images, generate("brightest", 2000, seed=4)[0])
+    assert torch.bincount(labels).tolist() == [500] * 4 and images.shape == (2000, 3, 32, 32)
+    present, brightness, hue = _squares(images)
+    assert (present.sum(1) == 8).all()
+    brightest = torch.where(present, brightness, -1.0).argmax(1, keepdim=True)
+    assert (hue.gather(1, brightest).squeeze(1) == labels).all()
+
+    def summed(evidence: torch.Tensor) -> float:
+        by_hue = torch.zeros(len(labels), 4).scatter_add_(1, hue, torch.where(present, evidence, 0.0))
+        return (by_hue.argmax(1) == labels).float().mean().item()
+
+    assert summed(torch.ones_like(brightness)) < 0.5 and summed(brightness) < 0.6  # counting, summing
+    assert summed(torch.exp(5 * brightness)) < 0.65
+    assert summed(torch.exp(40 * brightness)) > 0.99
