@@ -17,6 +17,12 @@ torch.set_num_threads(_THREADS)
 os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per CPU this process may use (xdist's own count is the host's physical cores, which
+    ignores affinity masks and container limits)."""
+    return usable_cpus()
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

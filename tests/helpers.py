@@ -217,7 +217,8 @@ class AlternasProcess:
         return out, err
 
     def kill(self) -> None:
-        """SIGKILL its process group (its workers too) if it still runs, wait for it, and drop its output."""
+        """SIGKILL its process group (its workers too) if it still runs, wait for it, and drop its output. A process
+        that ended is not signalled: its pid may already belong to another test's process (pid_max is 32768)."""
         if self._process.exitcode is None:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
