@@ -4,9 +4,10 @@ Names: ``cifar10``, ``cifar100`` (torchvision's download, read from the python-p
 (``PATH/train`` and ``PATH/val`` with one sub-folder per class, listed by torchvision's ``ImageFolder`` rules),
 ``fashion-mnist``, ``mnist``, ``kmnist`` (the original idx files from --data-root, Debian's ``dataset-fashion-mnist``
 or torchvision's download; 28 px grey held as 32 px RGB, see ``readers._grey28_to_rgb32``), and the built-in
-``shapes``, ``textures`` and ``cued-shapes`` (see ``synthetic.py``); ``torch/NAME``, timm's names for torchvision's
-datasets (``torchvision_sets.py``). The original file formats are read in ``readers.py``. The validation split is
-carved from the training set (seeded, class-balanced) so that searches never select on the test set.
+``shapes``, ``textures``, ``cued-shapes`` and ``brightest`` (see ``synthetic.py``); ``torch/NAME``, timm's names
+for torchvision's datasets (``torchvision_sets.py``). The original file formats are read in ``readers.py``. The
+validation split is carved from the training set (seeded, class-balanced) so that searches never select on the test
+set.
 
 A split is held one of two ways (``images.py``). ``ImageData``: uint8 tensors in memory (the fast path: the tensor
 loader augments whole batches). ``ImageFiles``: paths left on disk and decoded per sample by DataLoader workers, for

@@ -153,16 +153,21 @@ _SPREAD = 0.08  # ... and each other square is dimmer still by up to this much
 
 
 def brightest_component(labels: torch.Tensor, gen: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """(N, 3, size, size) images of eight squares on a dark background; the label is the hue of the brightest.
+    """(N, 3, size, size) images of eight squares on a dark background; the label is the hue of the brightest
+    (brightness: the largest channel, which every hue reaches at full scale).
 
     The brightest square's brightness is drawn per image (0.45-0.95), the seven others are dimmer by 3-6 % of full
     scale plus up to 8 % more, and take any of the four hues, the label's too: so several dimmer squares often share
-    a hue. An average pool adds up per-square evidence, and those dimmer squares outvote the brightest unless a
-    feature grows about exponentially with brightness over the whole range: counting squares per hue or summing
-    their brightness is right on about half of the images, summing exp(10·brightness) on ~70 %, exp(20·brightness)
-    on ~96 % (``tests/test_data.py`` measures it). A softmax over tokens is that exponential, and is blind to the
-    per-image brightness: attention logits that grow with a square's brightness pick the brightest in one step,
-    whatever the image's level.
+    a hue, and no fixed threshold finds the brightest. Evidence pooled by hue, what an average pool of per-square
+    features gives, is right only if each square's feature grows about exponentially over the whole range (counting
+    or summing brightness by hue is right on about half of the images, exp(10·brightness) on ~70 %, exp(20·b) on
+    ~96 %; ``tests/test_data.py`` measures it): a dynamic range ReLU features with batch norm reach poorly, though
+    the deep stage-4 receptive fields could in principle compare squares another way. An MSA over the stage-4 tokens
+    gets the exponential and the normalisation from its softmax: logits linear in brightness, with a slope of ~40
+    per unit of it, pick the brightest at every level, and its output is a mix of values of the same scale.
+
+    Photometric augmentations (RandAugment's posterize, solarize and colour operations, cutmix, erasing) can change
+    which square is brightest: train it with the ``fast`` recipe without them, as the quickstart does.
     """
     n = labels.numel()
     k = len(HUES)
@@ -194,7 +199,7 @@ def class_names(kind: str) -> tuple[str, ...]:
 def generate(
     kind: str, n: int, seed: int, size: int = IMAGE_SIZE, return_components: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``n`` images of dataset ``kind`` ('shapes' or 'textures') as uint8 (N, 3, size, size) and int64 labels.
+    """``n`` images of built-in dataset ``kind`` (one of ``KINDS``) as uint8 (N, 3, size, size) and int64 labels.
 
     Deterministic in (kind, n, seed, size). With ``return_components`` the float low- and high-frequency
     components are returned too (tests check where each one's energy lies).
