@@ -101,9 +101,9 @@ def test_study_file_errors_name_the_key(tmp_path, change: dict, fragment: str) -
 def test_shipped_study_files_are_valid() -> None:
     root = Path(__file__).resolve().parents[1] / "studies"
     quick = load_study(root / "quickstart.yaml")
-    assert quick.base == "tiny" and quick.data.name == "cued-shapes"
+    assert quick.base == "tiny" and quick.data.name == "brightest"
     # the quickstart trains exactly what its table holds, so each of its answers can be replayed against the truth
-    table = load_study(root / "tables" / "cued-shapes" / "study.yaml")
+    table = load_study(root / "tables" / "brightest" / "study.yaml")
     for seed in (0, 2):
         assert candidate_key(Placement.parse("CC,CC,CC,CM"), quick, quick.recipe, seed) == \
             candidate_key(Placement.parse("CC,CC,CC,CM"), table, table.recipe, seed)

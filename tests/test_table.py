@@ -200,30 +200,58 @@ def _results(study: Path) -> list[CandidateResult]:
 SHIPPED = Path(__file__).resolve().parents[1] / "studies"
 
 
-def test_the_probe_table_holds_a_helping_msa_and_the_quickstart_can_accept_it() -> None:
-    """The shipped cued-shapes table (every placement x 8 seeds) says some MSA truly helps by more than the
-    quickstart's min_gain and some does not; the quickstart's own build-up (same data, recipe and decision settings),
-    replayed on 3-seed pools of the table, accepts a helping MSA in some pools and never accepts a child the
-    held-out seeds call no better. The old quickstart's probe could not do this: no child could gain min_gain."""
+def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it() -> None:
+    """The shipped table of the quickstart's probe (`brightest`, every placement x 8 seeds) says an MSA at the end of
+    the last stage truly helps by far more than min_gain and some MSAs do not; the quickstart's own build-up (same
+    data, recipe and decision settings; test_buildup.py checks their cache keys agree), replayed on 3-seed pools of
+    the table, accepts it in at least 4 pools of 5 and never accepts a child the held-out seeds call no better. Its
+    regret is not within min_gain: among the eight placements that hold c4 the held-out best is mostly seed noise
+    (docs/concepts/ground-truth.md), so it is bounded by a quarter of c4's gain instead."""
     from alternas.search import load_study
     from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
 
-    table = Table.load(SHIPPED / "tables" / "cued-shapes")
+    table = Table.load(SHIPPED / "tables" / "brightest")
     assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
     quick = load_study(SHIPPED / "quickstart.yaml")
     min_gain = quick.buildup.min_gain
     every_seed = Truth(table, [])
+    assert every_seed.gain_is(HELPS, START, min_gain) == "above"
+    gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
+    assert max(g for p, g in gains.items() if not p.endswith("M")) < 1.0, gains  # no other MSA helps (c3 +0.6)
+    lookup = table_lookup(table, quick)
+    outcomes = [replay_buildup_on(table, replace(quick, seeds=tuple(pool)), Truth(table, pool), lookup)
+                for pool in seed_pools(table.seeds, 3, 40)]
+    ends_in_an_msa = [o.final.split(",")[-1].endswith("M") for o in outcomes]  # c4 accepted: every later child keeps it
+    assert np.mean(ends_in_an_msa) >= 0.8, [o.final for o in outcomes]
+    assert sum(o.accepts_null for o in outcomes) == 0
+    assert np.mean([o.regret_pp for o in outcomes]) < (every_seed.acc[HELPS] - every_seed.acc[START]) / 4
+
+
+def test_the_cued_shapes_table_holds_a_helping_msa_that_its_build_up_accepts_only_sometimes() -> None:
+    """The shipped cued-shapes table (every placement x 8 seeds) says some MSA truly helps by more than min_gain and
+    some does not; its own build-up, replayed on 3-seed pools of the table, accepts a helping MSA in some pools and
+    never accepts a child the held-out seeds call no better: calibrated, but the gain (+3.7 pp) is too small against
+    its seed noise (SD 2.7 pp) for 2-3 seeds to say yes often (docs/concepts/ground-truth.md)."""
+    from alternas.search import load_study
+    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
+
+    folder = SHIPPED / "tables" / "cued-shapes"
+    table = Table.load(folder)
+    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
+    config = load_study(folder / "study.yaml")
+    min_gain = config.buildup.min_gain
+    every_seed = Truth(table, [])
     assert every_seed.gain_is(HELPS, START, min_gain) == "above"  # c4: its 90 % interval lies above min_gain
     gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
     assert min(gains.values()) < min_gain, gains  # ... and some MSAs bring less (c3, c2: about 0)
-    lookup = table_lookup(table, quick)
+    lookup = table_lookup(table, config)
     finals, false_accepts = [], 0
     for pool in seed_pools(table.seeds, 3, 40):
-        outcome = replay_buildup_on(table, replace(quick, seeds=tuple(pool)), Truth(table, pool), lookup)
+        outcome = replay_buildup_on(table, replace(config, seeds=tuple(pool)), Truth(table, pool), lookup)
         finals.append(outcome.final)
         false_accepts += outcome.accepts_null
     accepted = sum(final != START for final in finals) / len(finals)
-    assert accepted >= 0.2, finals  # it can say yes where the truth says yes ...
+    assert 0.2 <= accepted < 0.8, finals  # it can say yes where the truth says yes, but not reliably ...
     assert false_accepts == 0  # ... and says it only there
 
 
