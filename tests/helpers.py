@@ -213,7 +213,7 @@ class AlternasProcess:
         self.wait(timeout)
         out = self._read(self._out)
         err = None if self._merged else self._read(self._err)
-        self.kill()  # ended: only its output folder is left to remove
+        self._clean_up()
         return out, err
 
     def kill(self) -> None:
@@ -225,6 +225,9 @@ class AlternasProcess:
             except ProcessLookupError:  # not yet its own group leader
                 self._process.kill()
             self._process.join()
+        self._clean_up()
+
+    def _clean_up(self) -> None:
         _STARTED.discard(self)
         shutil.rmtree(self._folder, ignore_errors=True)
 

@@ -14,7 +14,7 @@ from scipy.stats import norm
 from alternas.placement import Placement
 from alternas.search import study_from_dict
 from alternas.search.evaluator import CandidateResult, candidate_key
-from alternas.search.replay import FIELDS, replay_search
+from alternas.search.replay import FIELDS, Outcome, Truth, replay_search
 from alternas.search.table import Table, reachable_placements, table_placements
 from tests.helpers import run_cli, small_study
 
@@ -200,6 +200,21 @@ def _results(study: Path) -> list[CandidateResult]:
 SHIPPED = Path(__file__).resolve().parents[1] / "studies"
 
 
+def _shipped_replays(name: str, study: Path, pools: int) -> tuple[Table, Truth, list[Outcome]]:
+    """A shipped table (checked complete: every placement x >= 8 seeds), its truth over every seed, and the build-up
+    of ``study`` replayed on ``pools`` random 3-seed pools of it, each graded on its held-out seeds."""
+    from alternas.search import load_study
+    from alternas.search.replay import replay_buildup_on, seed_pools, table_lookup
+
+    table = Table.load(SHIPPED / "tables" / name)
+    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
+    config = load_study(study)
+    lookup = table_lookup(table, config)
+    outcomes = [replay_buildup_on(table, replace(config, seeds=tuple(pool)), Truth(table, pool), lookup)
+                for pool in seed_pools(table.seeds, 3, pools)]
+    return table, Truth(table, []), outcomes
+
+
 def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it() -> None:
     """The shipped table of the quickstart's probe (`brightest`, every placement x 8 seeds) says an MSA at the end of
     the last stage truly helps by far more than min_gain and some MSAs do not; the quickstart's own build-up (same
@@ -208,19 +223,12 @@ def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it(
     regret is not within min_gain: among the eight placements that hold c4 the held-out best is mostly seed noise
     (docs/concepts/ground-truth.md), so it is bounded by a quarter of c4's gain instead."""
     from alternas.search import load_study
-    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
 
-    table = Table.load(SHIPPED / "tables" / "brightest")
-    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
-    quick = load_study(SHIPPED / "quickstart.yaml")
-    min_gain = quick.buildup.min_gain
-    every_seed = Truth(table, [])
+    table, every_seed, outcomes = _shipped_replays("brightest", SHIPPED / "quickstart.yaml", 40)
+    min_gain = load_study(SHIPPED / "quickstart.yaml").buildup.min_gain
     assert every_seed.gain_is(HELPS, START, min_gain) == "above"
     gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
     assert max(g for p, g in gains.items() if not p.endswith("M")) < 1.0, gains  # no other MSA helps (c3 +0.6)
-    lookup = table_lookup(table, quick)
-    outcomes = [replay_buildup_on(table, replace(quick, seeds=tuple(pool)), Truth(table, pool), lookup)
-                for pool in seed_pools(table.seeds, 3, 40)]
     ends_in_an_msa = [o.final.split(",")[-1].endswith("M") for o in outcomes]  # c4 accepted: every later child keeps it
     assert np.mean(ends_in_an_msa) >= 0.8, [o.final for o in outcomes]
     assert sum(o.accepts_null for o in outcomes) == 0
@@ -233,23 +241,15 @@ def test_the_cued_shapes_table_holds_a_helping_msa_that_its_build_up_accepts_onl
     never accepts a child the held-out seeds call no better: calibrated, but the gain (+3.7 pp) is too small against
     its seed noise (SD 2.7 pp) for 2-3 seeds to say yes often (docs/concepts/ground-truth.md)."""
     from alternas.search import load_study
-    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
 
-    folder = SHIPPED / "tables" / "cued-shapes"
-    table = Table.load(folder)
-    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
-    config = load_study(folder / "study.yaml")
-    min_gain = config.buildup.min_gain
-    every_seed = Truth(table, [])
+    study = SHIPPED / "tables" / "cued-shapes" / "study.yaml"
+    table, every_seed, outcomes = _shipped_replays("cued-shapes", study, 40)
+    min_gain = load_study(study).buildup.min_gain
     assert every_seed.gain_is(HELPS, START, min_gain) == "above"  # c4: its 90 % interval lies above min_gain
     gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
     assert min(gains.values()) < min_gain, gains  # ... and some MSAs bring less (c3, c2: about 0)
-    lookup = table_lookup(table, config)
-    finals, false_accepts = [], 0
-    for pool in seed_pools(table.seeds, 3, 40):
-        outcome = replay_buildup_on(table, replace(config, seeds=tuple(pool)), Truth(table, pool), lookup)
-        finals.append(outcome.final)
-        false_accepts += outcome.accepts_null
+    finals = [o.final for o in outcomes]
+    false_accepts = sum(o.accepts_null for o in outcomes)
     accepted = sum(final != START for final in finals) / len(finals)
     assert 0.2 <= accepted < 0.8, finals  # it can say yes where the truth says yes, but not reliably ...
     assert false_accepts == 0  # ... and says it only there
@@ -260,17 +260,11 @@ def test_the_fashion_mnist_table_says_no_msa_helps_and_the_build_up_never_accept
     min_gain, and its own build-up (pooled seed component, 2->3 race), replayed on 3-seed pools, accepts no MSA the
     held-out seeds call no better, while keeping within half a point of the true best."""
     from alternas.search import load_study
-    from alternas.search.replay import Truth, replay_buildup_on, seed_pools, table_lookup
 
-    folder = SHIPPED / "tables" / "fashion-mnist"
-    table = Table.load(folder)
-    assert table.complete and len(table.seeds) >= 8 and len(table.placements) == 16
-    config = load_study(folder / "study.yaml")
+    study = SHIPPED / "tables" / "fashion-mnist" / "study.yaml"
+    table, every_seed, outcomes = _shipped_replays("fashion-mnist", study, 30)
+    config = load_study(study)
     assert config.buildup.pool_seed_variance and config.seed_budget == (2, 3)
-    every_seed = Truth(table, [])
     assert all(every_seed.gain_is(p, START, config.buildup.min_gain) != "above" for p in table.placements if p != START)
-    lookup = table_lookup(table, config)
-    outcomes = [replay_buildup_on(table, replace(config, seeds=tuple(pool)), Truth(table, pool), lookup)
-                for pool in seed_pools(table.seeds, 3, 30)]
     assert sum(o.accepts_null for o in outcomes) == 0 and sum(o.decisions_null for o in outcomes) > 0
     assert np.mean([o.regret_pp for o in outcomes]) < 0.5

@@ -191,6 +191,15 @@ def brightest_component(labels: torch.Tensor, gen: torch.Generator, size: int = 
     return image
 
 
+# the probes: a component drawn from the labels, and the SD of the faint pixel noise on top
+_PROBES = {"cued-shapes": (cued_component, 0.04), "brightest": (brightest_component, 0.02)}
+_SEED_OFFSETS = {"shapes": 0, "textures": 1, "cued-shapes": 7919, "brightest": 104729}  # one stream per kind
+
+
+def _to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
 def class_names(kind: str) -> tuple[str, ...]:
     """The class names of built-in dataset ``kind``, in label order."""
     return {"textures": TEXTURE_NAMES, "brightest": HUE_NAMES}.get(kind, SHAPE_NAMES)
@@ -206,16 +215,13 @@ def generate(
     """
     if kind not in KINDS:
         raise ValueError(f"unknown synthetic dataset {kind!r}")
-    gen = torch.Generator().manual_seed(seed * 2 + (kind == "textures") + 7919 * (kind == "cued-shapes")
-                                        + 104729 * (kind == "brightest"))
+    gen = torch.Generator().manual_seed(seed * 2 + _SEED_OFFSETS[kind])
     labels = torch.arange(n) % len(class_names(kind))
     labels = labels[torch.randperm(n, generator=gen)]
-    if kind == "brightest":
-        images = brightest_component(labels, gen, size) + 0.02 * torch.randn(n, 3, size, size, generator=gen)
-        return ((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
-    if kind == "cued-shapes":
-        images = cued_component(labels, gen, size) + 0.04 * torch.randn(n, 3, size, size, generator=gen)
-        return ((images.clamp(0, 1) * 255).round().to(torch.uint8), labels)
+    if kind in _PROBES:
+        component, noise = _PROBES[kind]
+        images = component(labels, gen, size) + noise * torch.randn(n, 3, size, size, generator=gen)
+        return _to_uint8(images), labels
     random_labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
     if kind == "shapes":
         low = low_component(labels, gen, size)
@@ -229,7 +235,7 @@ def generate(
         freqs = (table[labels, 1] + (torch.rand(n, generator=gen) * 0.04 - 0.02)).view(n, 1)
         high = high_component(angles, freqs, gen, size, amplitude=0.22)
     high = high + 0.015 * torch.randn(low.shape, generator=gen)
-    images = ((low + high).clamp(0, 1) * 255).round().to(torch.uint8)
+    images = _to_uint8(low + high)
     if return_components:
         return images, labels, low, high
     return images, labels
