@@ -617,7 +617,8 @@ SLOW_BENCHMARKS = ("decisions", "buildup-workers", "search")  # run only when na
 @click.option("--pools", type=click.IntRange(min=2), default=None,
               help="decisions: how many disjoint seed pools (default 5); search: random seed pools (default 200).")
 @click.option("--table", "table_dir", type=click.Path(file_okay=False), default=None,
-              help="search: the tabular benchmark folder to replay searches from (see `alternas table`).")
+              help="search: the tabular benchmark folder to replay searches from (see `alternas table`); "
+                   "decisions: grade each pool's answers against it (its seeds outside the pool).")
 @click.option("--pool-size", type=click.IntRange(min=1), default=3, show_default=True,
               help="search: seeds each replayed search may use, drawn from the table's; the rest judge it.")
 @click.option("--strategies", default=",".join(("buildup", "tpe", "random", "qmc", "decision-rule")),
@@ -640,11 +641,12 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
     `pip install pyhessian==0.1`), Fourier profile vs forward.
     Default: all of them. `decisions` (only when named: minutes per pool) runs a study's build-up on disjoint
     seed pools and prints how often the final placements agree, seeds and candidate-epochs per decision and the
-    wall time. `buildup-workers` (only when named) simulates the build-up of PAPER.md §3.3 with 1, 2, 4 and 8
-    workers and prints the wall-time speedup, the wasted (speculative, unused) work and whether the decisions
-    equal one worker's. `search` (only when named, with --table) replays the build-up (with any --set settings)
-    and Optuna's samplers on random seed pools of a tabular benchmark and scores them against the held-out seeds:
-    P(best), regret, false accepts/rejects and candidate-epochs, with 90 % intervals over the pools."""
+    wall time (with --table, each pool's answers graded against that table too). `buildup-workers` (only when
+    named) simulates the build-up of PAPER.md §3.3 with 1, 2, 4 and 8 workers and prints the wall-time speedup,
+    the wasted (speculative, unused) work and whether the decisions equal one worker's. `search` (only when
+    named, with --table) replays the build-up (with any --set settings) and Optuna's samplers on random seed pools
+    of a tabular benchmark and scores them against the held-out seeds: P(best), regret, false accepts/rejects and
+    candidate-epochs, with 90 % intervals over the pools."""
     from alternas import bench as b
 
     for name in which or BENCHMARKS:
@@ -683,7 +685,7 @@ def bench(which: tuple[str, ...], device: str | None, rounds: int, study_file: s
             if device:
                 overrides["device"] = device
             r = b.decision_agreement(study_file, pools or 5, out_dir, overrides,
-                                     log=lambda line: click.echo(line, err=as_json))
+                                     log=lambda line: click.echo(line, err=as_json), table=table_dir)
             click.echo(json.dumps(r) if as_json else b.describe("decisions", r))
         else:
             click.echo(b.describe(name, b.SPEED_BENCHMARKS[name](rounds=rounds, device=device)))

@@ -11,10 +11,13 @@ import pytest
 import yaml
 from scipy.stats import norm
 
+from alternas.bench.decisions import graded_by_table
 from alternas.placement import Placement
 from alternas.search import study_from_dict
 from alternas.search.evaluator import CandidateResult, candidate_key
+from alternas.search.policy import Step
 from alternas.search.replay import FIELDS, Outcome, Truth, replay_search
+from alternas.search.study import StudyConfig
 from alternas.search.table import Table, reachable_placements, table_placements
 from tests.helpers import run_cli, small_study
 
@@ -29,12 +32,13 @@ def _study(**buildup) -> dict:
 
 
 def hand_made_table(gains: dict[str, float], seeds: int = 8, examples: int = 1000, seed_sd: float = 0.3,
-                    base_acc: float = 85.0, rho: float = 0.9) -> Table:
+                    base_acc: float = 85.0, rho: float = 0.9, config: StudyConfig | None = None) -> Table:
     """Every placement the build-up reaches on the tiny base, each seed's per-example correctness drawn around its
     true accuracy (``base_acc`` + its gain in ``gains``, else - 2 pp): shared example difficulty (``rho``: runs
-    agree on most examples, as trained nets do) and ``seed_sd`` pp of seed noise. Epoch 1 is 5 pp below epoch 2."""
+    agree on most examples, as trained nets do) and ``seed_sd`` pp of seed noise. Epoch 1 is 5 pp below epoch 2.
+    Its runs are keyed as ``config``'s (default ``_study()``; it must train 2 epochs)."""
     placements = [str(p) for p in reachable_placements(Placement.parse(START))]
-    config = study_from_dict(_study())
+    config = config or study_from_dict(_study())
     table = Table(list(range(seeds)), placements, 2, examples, "hand")
     difficulty = np.random.default_rng(0).standard_normal(examples)
     for i, placement in enumerate(placements):
@@ -156,6 +160,50 @@ def test_bench_search_command_prints_json_rows(tmp_path) -> None:
     missing = run_cli("bench", "search")
     assert missing.returncode == 2 and "needs --table" in missing.stderr
 
+
+def test_a_pool_s_answers_are_graded_by_the_table_s_seeds_outside_the_pool() -> None:
+    table = hand_made_table({HELPS: 3.0})
+    start = Step(1, START, None, None, 0, 85.0, 0.3, None, "start", START)
+    c4 = Step(2, HELPS, START, 4, 1, 88.0, 0.3, 3.0, "accept", HELPS, incumbent=START)
+    c3 = Step(3, "CC,CC,CM,CM", HELPS, 3, 2, 86.0, 0.3, -2.0, "reject", HELPS, incumbent=HELPS)  # truly -5 pp
+    graded = graded_by_table(table, (0, 1, 2), [start, c4, c3], HELPS, 0.5)
+    assert graded["truth_seeds"] == [3, 4, 5, 6, 7] and graded["true_best"] == HELPS
+    assert graded["regret_pp"] == 0.0 and graded["within_min_gain"] and graded["not_confidently_worse"]
+    assert (graded["accepted_helping"], graded["helping"], graded["false_accepts"], graded["null_decisions"]) == \
+        (1, 1, 0, 1)
+    # the helping MSA rejected: the final stays at the start, ~3 pp and confidently more than min_gain below
+    stayed = graded_by_table(table, (5, 6, 7), [start, replace(c4, decision="reject", best_after=START)], START, 0.5)
+    truth = Truth(table, [5, 6, 7])
+    assert stayed["truth_seeds"] == [0, 1, 2, 3, 4]
+    assert stayed["regret_pp"] == pytest.approx(truth.acc[HELPS] - truth.acc[START]) and 2 < stayed["regret_pp"] < 4
+    assert not stayed["within_min_gain"] and not stayed["not_confidently_worse"]
+    assert (stayed["accepted_helping"], stayed["helping"]) == (0, 1)
+
+
+def test_bench_decisions_grades_each_pool_of_real_runs_against_a_table(tmp_path) -> None:
+    raw = small_study(tmp_path, seeds=[0, 1], recipe={"epochs": 2},
+                      diagnostics={"hessian": False, "fourier": False},
+                      buildup={"min_gain": 0.5, "max_candidates": 2, "min_seeds": 2, "max_seeds": 2})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(raw))
+    table = hand_made_table({HELPS: 3.0}, seeds=6, config=study_from_dict(raw))
+    table.save(tmp_path / "t")
+    res = run_cli("bench", "decisions", "--study", str(study), "--pools", "2", "--table", str(tmp_path / "t"),
+                  "--out", str(tmp_path / "pools"), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    for pool, run in zip(([0, 1], [2, 3]), out["runs"], strict=True):
+        graded = run["table"]
+        assert run["seeds"] == pool and graded["truth_seeds"] == [s for s in range(6) if s not in pool]
+        accepted = [placement for placement, decision, _ in run["steps"] if decision == "accept"]
+        assert graded["helping"] == 1 and graded["accepted_helping"] == int(HELPS in accepted)
+        truth = Truth(table, pool)
+        assert graded["regret_pp"] == pytest.approx(truth.acc[HELPS] - truth.acc[run["best"]])
+    assert out["helping"] == 2 and out["within_min_gain"] == sum(r["best"] == HELPS for r in out["runs"])
+    other = run_cli("bench", "decisions", "--study", str(study), "--table", str(tmp_path / "t"), "--set",
+                    "recipe.lr=0.1", "--out", str(tmp_path / "other"))
+    assert other.returncode == 2 and "only buildup.* settings can be replayed" in other.stderr
+    assert not (tmp_path / "other").exists()  # refused before anything trained
 
 def test_table_command_trains_each_run_once_resumes_and_reuses_the_cache(tmp_path) -> None:
     """Real training: 2 placements (a space file) x 2 seeds. A build-up in the same study folder first: the table

@@ -16,21 +16,55 @@ def _epochs_trained(study_dir) -> int:
     return sum(len(json.loads(p.read_text()).get("history", [])) for p in study_dir.glob("candidates/*/metrics.json"))
 
 
+def graded_by_table(table, seeds: tuple[int, ...], steps: list, final: str, min_gain: float) -> dict:
+    """One pool's answers against a table's truth, from the table's seeds outside the pool only: the final's
+    regret to the true best (pp, with its 90 % interval), and its decisions graded as ``alternas bench search``
+    grades a replay's (a decision whose true gain the held-out seeds cannot place on one side of ``min_gain`` is
+    left ungraded)."""
+    from alternas.search.replay import Outcome, Truth
+
+    truth = Truth(table, list(seeds))
+    outcome = Outcome(final)
+    for step in steps:
+        if step.decision != "start" and step.incumbent is not None:
+            truth.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
+    regret, low, high = truth.gain(truth.best, final)
+    return {"truth_seeds": [s for s in table.seeds if s not in seeds], "true_best": truth.best,
+            "regret_pp": regret, "regret_ci": [low, high],
+            "within_min_gain": regret <= min_gain,  # the final is within min_gain of the true best's mean
+            "not_confidently_worse": low <= min_gain,  # ... or the held-out seeds cannot say it is not
+            "accepted_helping": outcome.decisions_true - outcome.rejects_true, "helping": outcome.decisions_true,
+            "false_accepts": outcome.accepts_null, "null_decisions": outcome.decisions_null,
+            "ungraded": outcome.ungraded}
+
+
+_GRADE_TOTALS = ("within_min_gain", "not_confidently_worse", "accepted_helping", "helping", "false_accepts",
+                 "null_decisions")
+
+
 def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, out: str | None = None,
-                       overrides: dict | None = None, log: Callable[[str], None] = print) -> dict:
+                       overrides: dict | None = None, log: Callable[[str], None] = print,
+                       table: str | None = None) -> dict:
     """Run the build-up of ``study`` on ``pools`` disjoint seed pools (each as large as the study's) and measure
     how far its answer depends on the seeds: agreement of the final placements, seeds and candidate-epochs per
     decision, the start placement's spread over seeds, and wall time. Each pool has its own study folder under
-    ``out`` (default ``studies/<name>-decisions``), so an interrupted benchmark resumes."""
+    ``out`` (default ``studies/<name>-decisions``), so an interrupted benchmark resumes. With ``table`` (a folder
+    of ``alternas table`` trained with the study's data and recipe) each pool's answers are also graded against
+    its truth (``graded_by_table``)."""
     from collections import Counter
     from pathlib import Path
 
     from alternas.search import load_study, run_buildup, with_overrides
+    from alternas.search.replay import table_lookup
     from alternas.search.selection import load_results
+    from alternas.search.table import Table
 
     config = load_study(study)
     if overrides:
         config = with_overrides(config, overrides)
+    truth_table = Table.load(table) if table else None
+    if truth_table is not None:
+        table_lookup(truth_table, config)  # refuses, before anything trains, a table of other settings
     size = len(config.seeds)
     root = Path(out) if out else Path("studies") / f"{config.name}-decisions"
     runs = []
@@ -62,9 +96,18 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
             f"{r['seeds_per_decision']:.2f} seeds/decision ({r['budget_decided']} by seed budget, {r['screened']} "
             f"screened), {r['candidate_epochs']} candidate-epochs, start {r['start_acc_mean']:.2f} ± "
             f"{r['start_acc_sd']:.2f} over {len(start_accs)} seeds, {wall:.0f} s")
+        if truth_table is not None:
+            g = r["table"] = graded_by_table(truth_table, seeds, outcome.steps, outcome.best,
+                                             config.buildup.min_gain)
+            log(f"    table (seeds {','.join(map(str, g['truth_seeds']))}): regret {g['regret_pp']:.2f} pp "
+                f"[{g['regret_ci'][0]:+.2f}, {g['regret_ci'][1]:+.2f}] to {g['true_best']}; helping MSAs accepted "
+                f"{g['accepted_helping']}/{g['helping']}, false accepts {g['false_accepts']}/{g['null_decisions']}, "
+                f"{g['ungraded']} too close to call")
     best, count = Counter(r["best"] for r in runs).most_common(1)[0]
     decisions = sum(r["decisions"] for r in runs)
+    graded = [r["table"] for r in runs if "table" in r]
     return {
+        **({"table": table, **{key: sum(g[key] for g in graded) for key in _GRADE_TOTALS}} if graded else {}),
         "study": study, "pools": pools, "pool_size": size, "runs": runs, "modal_best": best,
         "agreement": count / pools,
         "seeds_per_decision": sum(r["seeds_per_decision"] * r["decisions"] for r in runs) / max(decisions, 1),
@@ -80,4 +123,8 @@ def describe_agreement(r: dict) -> str:
             f"placement {r['modal_best']} in {r['agreement']:.0%} of pools; "
             f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
             f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
-            f"(max {r['wall_s_max']:.0f} s)")
+            f"(max {r['wall_s_max']:.0f} s)"
+            + (f"; against {r['table']}: final within min_gain of the true best in {r['within_min_gain']} pools, "
+               f"not confidently further in {r['not_confidently_worse']}; helping MSAs accepted "
+               f"{r['accepted_helping']}/{r['helping']}, false accepts {r['false_accepts']}/{r['null_decisions']}"
+               if "table" in r else ""))

@@ -86,12 +86,21 @@ class Truth:
 
         self._t = float(stats.t.ppf(0.5 + level / 2, len(held_out) - 1))
 
-    def gain_is(self, child: str, parent: str, min_gain: float) -> str | None:
+    def gain(self, child: str, parent: str) -> tuple[float, float, float]:
+        """The held-out paired gain of ``child`` over ``parent`` in pp, with its 90 % interval (low, high)."""
+        missing = next((p for p in (child, parent) if p not in self.by_seed), None)
+        if missing is not None:
+            raise ConfigError(f"the table has no placement {missing}; compute a table of the study's space with "
+                              "`alternas table`")
         diff = self.by_seed[child] - self.by_seed[parent]
         half = self._t * float(diff.std(ddof=1)) / math.sqrt(len(diff))
-        if diff.mean() - half > min_gain:
+        return float(diff.mean()), float(diff.mean() - half), float(diff.mean() + half)
+
+    def gain_is(self, child: str, parent: str, min_gain: float) -> str | None:
+        _, low, high = self.gain(child, parent)
+        if low > min_gain:
             return "above"
-        if diff.mean() + half <= min_gain:
+        if high <= min_gain:
             return "not above"
         return None
 
