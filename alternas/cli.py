@@ -374,7 +374,9 @@ def _run_workers(command: str, config: Any, workers: int, storage: str | None, q
               help="Placements to evaluate, the start included (default 50).")
 @click.option("--budget-hours", type=click.FloatRange(min=0, min_open=True), default=None,
               help="Stop once candidates have used this many hours of training (default: no budget).")
-@click.option("--warm-start/--no-warm-start", default=None, help="Children inherit their parent's weights.")
+@click.option("--warm-start/--no-warm-start", default=None,
+              help="Children inherit their parent's weights and train half the epochs: cheaper, but it can miss an "
+                   "MSA that must learn something new (docs/concepts/buildup.md).")
 @click.option("--storage", default=None, help="Optuna storage URL every worker shares (default: $ALTERNAS_STORAGE, "
               "else the study's optuna.storage, else a journal file in the study folder).")
 @_worker_options
