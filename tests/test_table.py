@@ -11,7 +11,8 @@ import pytest
 import yaml
 from scipy.stats import norm
 
-from alternas.bench.decisions import graded_by_table
+from alternas.bench.decisions import _gradable, graded_by_table
+from alternas.errors import ConfigError
 from alternas.placement import Placement
 from alternas.search import study_from_dict
 from alternas.search.evaluator import CandidateResult, candidate_key
@@ -167,17 +168,28 @@ def test_a_pool_s_answers_are_graded_by_the_table_s_seeds_outside_the_pool() -> 
     c4 = Step(2, HELPS, START, 4, 1, 88.0, 0.3, 3.0, "accept", HELPS, incumbent=START)
     c3 = Step(3, "CC,CC,CM,CM", HELPS, 3, 2, 86.0, 0.3, -2.0, "reject", HELPS, incumbent=HELPS)  # truly -5 pp
     graded = graded_by_table(table, (0, 1, 2), [start, c4, c3], HELPS, 0.5)
-    assert graded["truth_seeds"] == [3, 4, 5, 6, 7] and graded["true_best"] == HELPS
+    assert graded["judged_by"] == [3, 4, 5, 6, 7] and graded["held_out_best"] == HELPS
     assert graded["regret_pp"] == 0.0 and graded["within_min_gain"] and graded["not_confidently_worse"]
-    assert (graded["accepted_helping"], graded["helping"], graded["false_accepts"], graded["null_decisions"]) == \
-        (1, 1, 0, 1)
+    assert (graded["accepted_helping"], graded["helping"], graded["false_accepts"], graded["null_decisions"],
+            graded["ungraded"]) == (1, 1, 0, 1, 0)
     # the helping MSA rejected: the final stays at the start, ~3 pp and confidently more than min_gain below
     stayed = graded_by_table(table, (5, 6, 7), [start, replace(c4, decision="reject", best_after=START)], START, 0.5)
     truth = Truth(table, [5, 6, 7])
-    assert stayed["truth_seeds"] == [0, 1, 2, 3, 4]
+    low, high = stayed["regret_ci"]
+    assert stayed["judged_by"] == [0, 1, 2, 3, 4]
     assert stayed["regret_pp"] == pytest.approx(truth.acc[HELPS] - truth.acc[START]) and 2 < stayed["regret_pp"] < 4
+    assert 0.5 < low < stayed["regret_pp"] < high
     assert not stayed["within_min_gain"] and not stayed["not_confidently_worse"]
     assert (stayed["accepted_helping"], stayed["helping"]) == (0, 1)
+    # a c3 child accepted against the truth: a false accept
+    wrong = graded_by_table(table, (0, 1, 2), [start, c4, replace(c3, decision="accept", best_after=c3.placement)],
+                            c3.placement, 0.5)
+    assert (wrong["false_accepts"], wrong["null_decisions"]) == (1, 1) and wrong["regret_ci"][0] > 0.5
+    with pytest.raises(ConfigError, match="the table has no placement CM,CM,CM,CM,CM"):
+        graded_by_table(table, (0, 1, 2), [start], "CM,CM,CM,CM,CM", 0.5)
+    table.placements.remove("CM,CM,CM,CM")  # refused before a pool trains: the build-up may end there
+    with pytest.raises(ConfigError, match="the table lacks 1 of the placements the build-up can reach"):
+        _gradable(table, study_from_dict(_study()), [(0, 1, 2)])
 
 
 def test_bench_decisions_grades_each_pool_of_real_runs_against_a_table(tmp_path) -> None:
@@ -193,17 +205,34 @@ def test_bench_decisions_grades_each_pool_of_real_runs_against_a_table(tmp_path)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     for pool, run in zip(([0, 1], [2, 3]), out["runs"], strict=True):
-        graded = run["table"]
-        assert run["seeds"] == pool and graded["truth_seeds"] == [s for s in range(6) if s not in pool]
+        graded = run["graded"]
+        assert run["seeds"] == pool and graded["judged_by"] == [s for s in range(6) if s not in pool]
         accepted = [placement for placement, decision, _ in run["steps"] if decision == "accept"]
         assert graded["helping"] == 1 and graded["accepted_helping"] == int(HELPS in accepted)
         truth = Truth(table, pool)
         assert graded["regret_pp"] == pytest.approx(truth.acc[HELPS] - truth.acc[run["best"]])
-    assert out["helping"] == 2 and out["within_min_gain"] == sum(r["best"] == HELPS for r in out["runs"])
-    other = run_cli("bench", "decisions", "--study", str(study), "--table", str(tmp_path / "t"), "--set",
-                    "recipe.lr=0.1", "--out", str(tmp_path / "other"))
-    assert other.returncode == 2 and "only buildup.* settings can be replayed" in other.stderr
-    assert not (tmp_path / "other").exists()  # refused before anything trained
+        assert graded["regret_ci"][0] <= graded["regret_pp"] <= graded["regret_ci"][1]
+    totals = out["graded"]
+    assert totals["table_dir"] == str(tmp_path / "t") and totals["helping"] == 2
+    assert totals["pools_within_min_gain"] == sum(r["best"] == HELPS for r in out["runs"])
+    again = run_cli("bench", "decisions", "--study", str(study), "--pools", "2", "--table", str(tmp_path / "t"),
+                    "--out", str(tmp_path / "pools"))  # every run cached: only the grading is new
+    assert again.returncode == 0 and "judged by the table's seeds 2,3,4,5: regret" in again.stdout
+    assert f"final within min_gain of the held-out best in {totals['pools_within_min_gain']} pools" in again.stdout
+
+    def refused(table_dir: Path, *args: str) -> str:
+        res = run_cli("bench", "decisions", "--study", str(study), "--table", str(table_dir),
+                      "--out", str(tmp_path / "other"), *args)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and not (tmp_path / "other").exists()
+        return res.stderr  # refused before anything trained
+
+    assert "only buildup.* settings can be replayed" in refused(tmp_path / "t", "--set", "recipe.lr=0.1")
+    hand_made_table({HELPS: 3.0}, seeds=3, config=study_from_dict(raw)).save(tmp_path / "three")
+    assert "pool 0 (seeds 0-1) leaves fewer than 2 of the table's seeds [0, 1, 2]" in refused(tmp_path / "three")
+    table.seeds = [0, 1, 2, 3, 4, 5, 6]
+    table.save(tmp_path / "t")
+    assert "the table lacks 16 of its runs" in refused(tmp_path / "t")
+
 
 def test_table_command_trains_each_run_once_resumes_and_reuses_the_cache(tmp_path) -> None:
     """Real training: 2 placements (a space file) x 2 seeds. A build-up in the same study folder first: the table

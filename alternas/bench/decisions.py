@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from alternas.search.policy import Step
+    from alternas.search.study import StudyConfig
+    from alternas.search.table import Table
 
 
 def _epochs_trained(study_dir) -> int:
@@ -16,30 +22,45 @@ def _epochs_trained(study_dir) -> int:
     return sum(len(json.loads(p.read_text()).get("history", [])) for p in study_dir.glob("candidates/*/metrics.json"))
 
 
-def graded_by_table(table, seeds: tuple[int, ...], steps: list, final: str, min_gain: float) -> dict:
-    """One pool's answers against a table's truth, from the table's seeds outside the pool only: the final's
-    regret to the true best (pp, with its 90 % interval), and its decisions graded as ``alternas bench search``
-    grades a replay's (a decision whose true gain the held-out seeds cannot place on one side of ``min_gain`` is
-    left ungraded)."""
+def graded_by_table(table: Table, seeds: Sequence[int], steps: list[Step], final: str, min_gain: float) -> dict:
+    """One pool's answers against a table, judged by the table's seeds outside the pool only: the final's regret
+    to the held-out best (pp, with its 90 % interval), and its decisions graded as ``alternas bench search`` grades
+    a replay's (a decision whose gain the held-out seeds cannot place on one side of ``min_gain`` is ungraded)."""
     from alternas.search.replay import Outcome, Truth
 
     truth = Truth(table, list(seeds))
     outcome = Outcome(final)
-    for step in steps:
-        if step.decision != "start" and step.incumbent is not None:
-            truth.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
+    truth.grade_steps(outcome, steps, min_gain)
     regret, low, high = truth.gain(truth.best, final)
-    return {"truth_seeds": [s for s in table.seeds if s not in seeds], "true_best": truth.best,
+    return {"judged_by": [s for s in table.seeds if s not in seeds], "held_out_best": truth.best,
             "regret_pp": regret, "regret_ci": [low, high],
-            "within_min_gain": regret <= min_gain,  # the final is within min_gain of the true best's mean
-            "not_confidently_worse": low <= min_gain,  # ... or the held-out seeds cannot say it is not
+            "within_min_gain": regret <= min_gain,  # the final is within min_gain of the held-out best's mean
+            "not_confidently_worse": low <= min_gain,  # ... or the held-out seeds cannot say it is further
             "accepted_helping": outcome.decisions_true - outcome.rejects_true, "helping": outcome.decisions_true,
             "false_accepts": outcome.accepts_null, "null_decisions": outcome.decisions_null,
             "ungraded": outcome.ungraded}
 
 
-_GRADE_TOTALS = ("within_min_gain", "not_confidently_worse", "accepted_helping", "helping", "false_accepts",
-                 "null_decisions")
+def _gradable(table: Table, config: StudyConfig, pools: list[tuple[int, ...]]) -> None:
+    """Refuse, before anything trains, a table that cannot grade these pools: other settings, runs missing, a
+    placement the build-up can reach missing, or a pool that leaves fewer than 2 of its seeds to judge by."""
+    from alternas.errors import ConfigError
+    from alternas.search.replay import require_complete, table_lookup
+    from alternas.search.table import reachable_placements, start_placement
+
+    table_lookup(table, config)
+    require_complete(table)
+    lacking = [str(p) for p in reachable_placements(start_placement(config)) if str(p) not in table.placements]
+    if lacking:
+        raise ConfigError(f"the table lacks {len(lacking)} of the placements the build-up can reach (e.g. "
+                          f"{lacking[0]}); compute it with `alternas table --study` on this study")
+    for k, seeds in enumerate(pools):
+        if len(set(table.seeds) - set(seeds)) < 2:
+            raise ConfigError(f"pool {k} (seeds {seeds[0]}-{seeds[-1]}) leaves fewer than 2 of the table's seeds "
+                              f"{table.seeds} to judge it by; use fewer pools or a table with more seeds")
+
+
+_GRADE_TOTALS = ("accepted_helping", "helping", "false_accepts", "null_decisions", "ungraded")
 
 
 def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, out: str | None = None,
@@ -55,21 +76,20 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
     from pathlib import Path
 
     from alternas.search import load_study, run_buildup, with_overrides
-    from alternas.search.replay import table_lookup
     from alternas.search.selection import load_results
     from alternas.search.table import Table
 
     config = load_study(study)
     if overrides:
         config = with_overrides(config, overrides)
+    size = len(config.seeds)
+    disjoint = [tuple(range(k * size, (k + 1) * size)) for k in range(pools)]
     truth_table = Table.load(table) if table else None
     if truth_table is not None:
-        table_lookup(truth_table, config)  # refuses, before anything trains, a table of other settings
-    size = len(config.seeds)
+        _gradable(truth_table, config, disjoint)
     root = Path(out) if out else Path("studies") / f"{config.name}-decisions"
     runs = []
-    for k in range(pools):
-        seeds = tuple(range(k * size, (k + 1) * size))
+    for k, seeds in enumerate(disjoint):
         # each pool is its own search: its own study in a shared storage too (one policy, one seed pool per study)
         pool_config = replace(config, seeds=seeds, output=str(root / f"pool-{k}"),
                               optuna=replace(config.optuna, study_name=f"{config.optuna.study_name or config.name}"
@@ -97,17 +117,20 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
             f"screened), {r['candidate_epochs']} candidate-epochs, start {r['start_acc_mean']:.2f} ± "
             f"{r['start_acc_sd']:.2f} over {len(start_accs)} seeds, {wall:.0f} s")
         if truth_table is not None:
-            g = r["table"] = graded_by_table(truth_table, seeds, outcome.steps, outcome.best,
-                                             config.buildup.min_gain)
-            log(f"    table (seeds {','.join(map(str, g['truth_seeds']))}): regret {g['regret_pp']:.2f} pp "
-                f"[{g['regret_ci'][0]:+.2f}, {g['regret_ci'][1]:+.2f}] to {g['true_best']}; helping MSAs accepted "
-                f"{g['accepted_helping']}/{g['helping']}, false accepts {g['false_accepts']}/{g['null_decisions']}, "
-                f"{g['ungraded']} too close to call")
+            g = r["graded"] = graded_by_table(truth_table, seeds, outcome.steps, outcome.best,
+                                              config.buildup.min_gain)
+            log(f"    judged by the table's seeds {','.join(map(str, g['judged_by']))}: regret {g['regret_pp']:.2f} pp "
+                f"[{g['regret_ci'][0]:+.2f}, {g['regret_ci'][1]:+.2f}] to {g['held_out_best']}; helping MSAs "
+                f"accepted {g['accepted_helping']}/{g['helping']}, false accepts "
+                f"{g['false_accepts']}/{g['null_decisions']}, {g['ungraded']} decisions too close to call")
     best, count = Counter(r["best"] for r in runs).most_common(1)[0]
     decisions = sum(r["decisions"] for r in runs)
-    graded = [r["table"] for r in runs if "table" in r]
+    graded = [r["graded"] for r in runs if "graded" in r]
+    totals = {"table_dir": table, "pools_within_min_gain": sum(g["within_min_gain"] for g in graded),
+              "pools_not_confidently_worse": sum(g["not_confidently_worse"] for g in graded),
+              **{key: sum(g[key] for g in graded) for key in _GRADE_TOTALS}}
     return {
-        **({"table": table, **{key: sum(g[key] for g in graded) for key in _GRADE_TOTALS}} if graded else {}),
+        **({"graded": totals} if graded else {}),
         "study": study, "pools": pools, "pool_size": size, "runs": runs, "modal_best": best,
         "agreement": count / pools,
         "seeds_per_decision": sum(r["seeds_per_decision"] * r["decisions"] for r in runs) / max(decisions, 1),
@@ -124,7 +147,13 @@ def describe_agreement(r: dict) -> str:
             f"{r['seeds_per_decision']:.2f} seeds and {r['candidate_epochs_per_decision']:.1f} "
             f"candidate-epochs per decision; wall time {r['wall_s_mean']:.0f} s per pool "
             f"(max {r['wall_s_max']:.0f} s)"
-            + (f"; against {r['table']}: final within min_gain of the true best in {r['within_min_gain']} pools, "
-               f"not confidently further in {r['not_confidently_worse']}; helping MSAs accepted "
-               f"{r['accepted_helping']}/{r['helping']}, false accepts {r['false_accepts']}/{r['null_decisions']}"
-               if "table" in r else ""))
+            + _describe_graded(r.get("graded")))
+
+
+def _describe_graded(g: dict | None) -> str:
+    if g is None:
+        return ""
+    return (f"; judged by {g['table_dir']}: final within min_gain of the held-out best in "
+            f"{g['pools_within_min_gain']} pools, not confidently further in {g['pools_not_confidently_worse']}; "
+            f"helping MSAs accepted {g['accepted_helping']}/{g['helping']}, false accepts "
+            f"{g['false_accepts']}/{g['null_decisions']} ({g['ungraded']} decisions too close to call)")

@@ -30,7 +30,7 @@ import itertools
 import math
 import statistics
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -42,6 +42,7 @@ from alternas.search.decision import SeedVariance, SequentialOutcome, sequential
 from alternas.search.evaluated import Evaluated
 from alternas.search.evaluator import CandidateResult, candidate_key
 from alternas.search.planner import BuildupSearch
+from alternas.search.policy import Step
 from alternas.search.race import screen_epoch
 from alternas.search.spaces import InvalidCandidate, SearchSpace, StageSpace, space_from_dict
 from alternas.search.study import StudyConfig
@@ -87,7 +88,8 @@ class Truth:
         self._t = float(stats.t.ppf(0.5 + level / 2, len(held_out) - 1))
 
     def gain(self, child: str, parent: str) -> tuple[float, float, float]:
-        """The held-out paired gain of ``child`` over ``parent`` in pp, with its 90 % interval (low, high)."""
+        """The held-out paired gain of ``child`` over ``parent`` in pp, with its interval (low, high) at the truth's
+        ``level``."""
         missing = next((p for p in (child, parent) if p not in self.by_seed), None)
         if missing is not None:
             raise ConfigError(f"the table has no placement {missing}; compute a table of the study's space with "
@@ -115,6 +117,12 @@ class Truth:
             outcome.accepts_null += accepted
         else:
             outcome.ungraded += 1
+
+    def grade_steps(self, outcome: Outcome, steps: Iterable[Step], min_gain: float) -> None:
+        """Grade every decision of a build-up's trajectory (the start decides nothing)."""
+        for step in steps:
+            if step.decision != "start" and step.incumbent is not None:
+                self.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
 
     def score(self, outcome: Outcome) -> Outcome:
         outcome.p_best = float(outcome.final == self.best)
@@ -158,13 +166,11 @@ def replay_buildup_on(table: Table, config: StudyConfig, truth: Truth,
     cost = {(r.placement, r.seed): float(r.epochs_trained) for r in (e.result for e in replay.fetched.values())}
     screen = screen_epoch(config)
     outcome = Outcome(replay.best)
-    min_gain = config.buildup.min_gain
     for step in replay.policy.steps:
         if step.decided_by == "screen" and screen is not None:
             for run in replay.used_runs.get(step.placement, []):
                 cost[(run.placement, run.seed)] = float(screen)
-        if step.decision != "start" and step.incumbent is not None:
-            truth.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
+    truth.grade_steps(outcome, replay.policy.steps, config.buildup.min_gain)
     outcome.candidate_epochs = sum(cost.values())
     return truth.score(outcome)
 
@@ -267,10 +273,7 @@ def replay_search(table: Table, config: StudyConfig, strategies: tuple[str, ...]
     unknown = sorted(set(strategies) - set(STRATEGIES))
     if unknown or not strategies:
         raise ConfigError(f"unknown strategy {(unknown or [''])[0]!r}; choose from {', '.join(STRATEGIES)}")
-    if not table.complete:
-        missing = [(p, s) for p in table.placements for s in table.seeds if (p, s) not in table.runs]
-        raise ConfigError(f"the table lacks {len(missing)} of its runs (e.g. {missing[0][0]} seed {missing[0][1]}); "
-                          "complete it with `alternas table` before replaying searches on it")
+    require_complete(table)
     if config.buildup.warm_start:
         raise ConfigError("a table holds runs from scratch; a warm-started build-up cannot be replayed from it")
     size = pool_size
@@ -298,6 +301,14 @@ def replay_search(table: Table, config: StudyConfig, strategies: tuple[str, ...]
         if (i + 1) % max(1, len(drawn) // 10) == 0:
             log(f"  {i + 1}/{len(drawn)} pools replayed")
     return [summarise(name, outcomes) for name, outcomes in per.items()]
+
+
+def require_complete(table: Table) -> None:
+    """Refuse a table with runs missing: a missing run would count as 0 % in every truth drawn from it."""
+    if not table.complete:
+        missing = [(p, s) for p in table.placements for s in table.seeds if (p, s) not in table.runs]
+        raise ConfigError(f"the table lacks {len(missing)} of its runs (e.g. {missing[0][0]} seed {missing[0][1]}); "
+                          "complete it with `alternas table` before grading searches by it")
 
 
 def seed_pools(seeds: list[int], size: int, pools: int, seed: int = 0) -> list[list[int]]:
