@@ -9,12 +9,16 @@ import yaml
 from safetensors.torch import load_file
 
 from alternas.data import DataConfig, load_data
-from alternas.data.augment import build_train_transform, make_train_batches
+from alternas.data.augment import build_train_transform, make_train_batches, randaugment_kind
 from alternas.data.loader import normalize
+from alternas.diagnostics.run import DiagnosticsConfig, _hessian_batches
 from alternas.errors import ConfigError
+from alternas.search import study_from_dict
+from alternas.search.evaluator import training_settings
 from alternas.train import PRESETS, Recipe, fit, get_recipe
+from alternas.train.fit import _prepare
 from alternas.train.run import model_for
-from tests.helpers import interrupt_after_first_epoch, run_cli
+from tests.helpers import interrupt_after_first_epoch, run_cli, small_study
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +93,48 @@ def test_recipes_skip_the_augmentations_that_change_a_datasets_labels(textures) 
     assert all(bytes(img[None].numpy()) in rows for img in x)  # not one image mirrored
     user = load_data(DataConfig("shapes", subset=200, seed=0, label_breaking=["hflip"]))
     assert not user.allows("hflip") and user.allows("rotate")
+
+
+
+def test_the_brightest_probe_trains_without_what_would_change_which_square_is_brightest(tmp_path) -> None:
+    """brightest's label is the hue of its brightest square: RandAugment's ops (on pixel values: reordered levels;
+    geometric: the square moved out), random erasing, mixup and cutmix would change it. Every recipe and the Hessian
+    leave them out, and a cache key names them only where its recipe would have applied them (the shipped table's
+    fast-recipe keys stay as they were)."""
+    from timm.data.auto_augment import NAME_TO_OP
+
+    geometric = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
+    assert {name for name in NAME_TO_OP if randaugment_kind(name) != "photometric"} == geometric
+    brightest = load_data(DataConfig("brightest", subset=200, seed=0))
+    shapes = load_data(DataConfig("shapes", subset=200, seed=0))
+    assert set(brightest.label_breaking) == {"rotate", "shear", "translate", "photometric", "erasing", "mixing"}
+    paper = get_recipe("paper", {"random_erasing": 0.25})  # the paper's recipe erases nothing; timm's often do
+    kinds = [type(t).__name__ for t in build_train_transform(paper, brightest).transforms]
+    assert kinds == ["RandomCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]
+    kinds = [type(t).__name__ for t in build_train_transform(paper, shapes).transforms]
+    assert "RandAugment" in kinds and "RandomErasing" in kinds
+    # weighted ops are drawn without replacement: never more than are left (timm would raise in a loader worker)
+    weighted = get_recipe("paper", {"randaugment": "rand-m9-n6-tweights"})
+    geometric_only = load_data(DataConfig("shapes", subset=200, seed=0, label_breaking=["photometric"]))
+    randaugment = build_train_transform(weighted, geometric_only).transforms[2]
+    assert type(randaugment).__name__ == "RandAugment" and randaugment.num_layers == len(randaugment.ops) == 5
+    assert randaugment(geometric_only.train.pil_image(0)).size == (32, 32)
+    config = DiagnosticsConfig(augment=True, hessian_batch_size=8)
+    for data, mixed in ((brightest, False), (shapes, True)):
+        model = model_for("CC,CC,CC,CC", "tiny", data, paper)
+        assert (_prepare(model, data, paper, tmp_path, torch.device("cpu"), 0, 0, 1, None).mixup is not None) == mixed
+        _, targets = next(_hessian_batches(model, data, paper, config, torch.device("cpu")))
+        assert (targets.dim() == 2) == mixed  # Mixup's soft targets, or the labels
+
+    def key_data(data: str, recipe: dict) -> dict:
+        config = study_from_dict(small_study(tmp_path, data={"name": data}, recipe=recipe))
+        return training_settings(config, config.recipe)["data"]
+
+    assert "label_breaking" not in key_data("brightest", {"name": "fast", "flip": False})
+    assert key_data("brightest", {"name": "paper"})["label_breaking"] == \
+        ["rotate", "shear", "translate", "photometric", "mixing"]
+    assert key_data("brightest", {"name": "fast", "random_erasing": 0.25})["label_breaking"] == ["erasing"]
+    assert key_data("textures", {"name": "fast", "flip": True})["label_breaking"] == ["hflip"]
 
 
 def test_two_epochs_learn_well_above_chance(tmp_path, textures) -> None:

@@ -41,23 +41,37 @@ def make_train_batches(data: DataSplits, recipe: Recipe, device: torch.device, s
     return batches
 
 
-_RANDAUGMENT_OPS = {"rotate": ("Rotate",), "shear": ("ShearX", "ShearY")}
+def randaugment_kind(op_name: str) -> str:
+    """Which of ``AUGMENTATIONS`` a timm RandAugment op is: every op that is not a rotation, shear or translation
+    works on pixel values (``Posterize``, ``ColorIncreasing``, ``GaussianBlurRand``, ...)."""
+    for prefix, kind in (("Rotate", "rotate"), ("Shear", "shear"), ("Translate", "translate")):
+        if op_name.startswith(prefix):
+            return kind
+    return "photometric"
 
 
-def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any:
-    """timm's RandAugment with the ops ``data`` forbids taken out of its op list (and of its weights, if any)."""
-    banned = {op for aug, ops in _RANDAUGMENT_OPS.items() if not data.allows(aug) for op in ops}
-    keep = [i for i, op in enumerate(randaugment.ops) if op.name not in banned]
+def mixes(recipe: Recipe, data: DataSplits) -> bool:
+    """Whether training (and a Hessian on augmented batches) mixes images: the recipe asks and the labels allow."""
+    return recipe.uses_mixup and data.allows("mixing")
+
+
+def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any | None:
+    """timm's RandAugment with the ops ``data`` forbids taken out of its op list (and of its weights, if any);
+    ``None`` when none is left."""
+    keep = [i for i, op in enumerate(randaugment.ops) if data.allows(randaugment_kind(op.name))]
+    if not keep:
+        return None
     if randaugment.choice_weights is not None:
         weights = [randaugment.choice_weights[i] for i in keep]
         randaugment.choice_weights = [w / sum(weights) for w in weights]
+        randaugment.num_layers = min(randaugment.num_layers, len(keep))  # weighted ops are drawn without replacement
     randaugment.ops = [randaugment.ops[i] for i in keep]
     return randaugment
 
 
 def build_train_transform(recipe: Recipe, data: DataSplits):
     """The reference's per-sample pipeline: crop (+pad) and flip, RandAugment, ToTensor, Normalize, erasing;
-    without the flips, rotations and shears that change ``data``'s labels (``DataSplits.label_breaking``).
+    without the flips, RandAugment ops and erasing that change ``data``'s labels (``DataSplits.label_breaking``).
 
     On streamed data the input is the original image: RandomResizedCrop cuts from all of it (as the paper's
     ImageNet recipe does), a padded crop from its centre square (what in-memory training images hold)."""
@@ -78,9 +92,10 @@ def build_train_transform(recipe: Recipe, data: DataSplits):
     if recipe.randaugment:
         # no "interpolation" key: timm then picks bilinear or bicubic at random per op, as the reference did
         hparams = {"translate_const": int(size * 0.45), "img_mean": tuple(round(255 * m) for m in data.mean)}
-        steps.append(_without_label_breaking_ops(rand_augment_transform(recipe.randaugment, hparams), data))
+        if (randaugment := _without_label_breaking_ops(rand_augment_transform(recipe.randaugment, hparams), data)):
+            steps.append(randaugment)
     steps += [T.ToTensor(), T.Normalize(data.mean, data.std)]
-    if recipe.random_erasing > 0:
+    if recipe.random_erasing > 0 and data.allows("erasing"):
         steps.append(RandomErasing(recipe.random_erasing, mode="const", max_count=1, device="cpu"))
     return T.Compose(steps)
 

@@ -44,12 +44,18 @@ IMAGENET_STATS = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
 BUILTIN = synthetic.KINDS
 BUILTIN_SIZES = {"train": 6000, "test": 1000}
 BUILTIN_SEEDS = {"train": 1000, "test": 2000}
-# Geometric augmentations a recipe may apply; a dataset names those that change what its labels mean.
-AUGMENTATIONS = ("hflip", "rotate", "shear")
+# Augmentations a recipe may apply (``Recipe.applies``); a dataset names those that change what its labels mean.
+# rotate, shear, translate: RandAugment's geometric ops; photometric: its ops on pixel values (colour, contrast,
+# brightness, posterize, solarize, equalize, ...); erasing: random erasing; mixing: mixup and cutmix.
+AUGMENTATIONS = ("hflip", "rotate", "shear", "translate", "photometric", "erasing", "mixing")
 # textures: a grating's orientation is its label, and a mirror maps θ to 180° − θ (36° <-> 144°, 72° <-> 108°);
 # RandAugment's rotations (±30°) and shears blur 36° steps.
 # mnist, kmnist: a mirrored digit or character is not the same class (or none at all); clothes mirror into clothes.
+# brightest: the label is the hue of the brightest square, 3-14 % of full scale brighter than the others:
+# per-channel and hue-dependent ops reorder them; RandAugment's translations (up to 14 px), shears (a cell at the
+# bottom) and rotations (the corners) and erasing can take it out of the image; a mix of two images has another.
 LABEL_BREAKING = {"textures": ("hflip", "rotate", "shear"), "mnist": ("hflip",), "kmnist": ("hflip",),
+                  "brightest": ("rotate", "shear", "translate", "photometric", "erasing", "mixing"),
                   **{name: spec.label_breaking for name, spec in TORCH_SETS.items() if spec.label_breaking}}
 
 

@@ -166,8 +166,9 @@ def brightest_component(labels: torch.Tensor, gen: torch.Generator, size: int = 
     gets the exponential and the normalisation from its softmax: logits linear in brightness, with a slope of ~40
     per unit of it, pick the brightest at every level, and its output is a mix of values of the same scale.
 
-    Photometric augmentations (RandAugment's posterize, solarize and colour operations, cutmix, erasing) can change
-    which square is brightest: train it with the ``fast`` recipe without them, as the quickstart does.
+    RandAugment (its colour ops reorder the levels, its translations, shears and rotations can move the brightest
+    out of the image), random erasing, mixup and cutmix can change which square is brightest: the dataset declares
+    them label-breaking and every recipe leaves them out (``datasets.LABEL_BREAKING``).
     """
     n = labels.numel()
     k = len(HUES)

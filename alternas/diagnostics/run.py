@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from alternas.data.augment import eval_batches, make_train_batches
+from alternas.data.augment import eval_batches, make_train_batches, mixes
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader
 from alternas.diagnostics import figures
@@ -141,7 +141,7 @@ def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: Diagnostic
         batches = eval_batches(data, data.train, hessian_batch_size(config, recipe), device, shuffle=True,
                                drop_last=True, seed=config.seed)
     mixup = None
-    if config.augment and recipe.uses_mixup:
+    if config.augment and mixes(recipe, data):
         from timm.data import Mixup
 
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
@@ -171,7 +171,7 @@ def diagnose(
     device = next(model.parameters()).device
     wd = recipe.weight_decay if config.l2 else 0.0
     out: dict[str, Any] = {"settings": {**config.to_dict(), "weight_decay_in_loss": wd,
-                                        "mixup_in_loss": bool(config.augment and recipe.uses_mixup)},
+                                        "mixup_in_loss": bool(config.augment and mixes(recipe, data))},
                            "timings": {}}
     val_images = data.val if len(data.val) else data.test
 

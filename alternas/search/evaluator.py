@@ -157,9 +157,9 @@ def training_settings(config: StudyConfig, recipe: Recipe) -> dict[str, Any]:
     key, and what the build-up's workers must agree on."""
     data = config.data.to_dict()
     data.pop("root", None)  # where the files live does not change the result
-    data.pop("label_breaking")  # only when it changes what trains (keeps the keys of studies from before it)
-    if config.data.breaks_labels:
-        data["label_breaking"] = list(config.data.breaks_labels)
+    data.pop("label_breaking")  # only where it changes what trains (keeps the keys of studies from before it)
+    if left_out := [aug for aug in config.data.breaks_labels if recipe.applies(aug)]:
+        data["label_breaking"] = left_out
     for knob in ("crop_pct", "stream", "max_in_memory_gb"):  # what they resolve to, where it changes the outcome
         data.pop(knob)
     if config.data.reads_files:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from alternas.data.augment import eval_batches, make_train_batches
+from alternas.data.augment import eval_batches, make_train_batches, mixes
 from alternas.data.datasets import DataSplits
 from alternas.errors import ConfigError
 from alternas.faults import fault_point
@@ -266,7 +266,7 @@ def _prepare(model: torch.nn.Module, data: DataSplits, recipe: Recipe, run_dir: 
     train_batches = make_train_batches(data, recipe, dev, seed, rank, world)
     val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev, workers=recipe.workers)
     mixup = None
-    if recipe.uses_mixup:
+    if mixes(recipe, data):
         from timm.data import Mixup
 
         mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,

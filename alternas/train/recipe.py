@@ -86,6 +86,13 @@ class Recipe:
     def uses_mixup(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
 
+    def applies(self, augmentation: str) -> bool:
+        """Whether this recipe would apply ``augmentation`` (one of ``alternas.data.datasets.AUGMENTATIONS``) to
+        data that allows it."""
+        if augmentation in ("rotate", "shear", "translate", "photometric"):
+            return bool(self.randaugment)
+        return {"hflip": self.flip, "erasing": self.random_erasing > 0, "mixing": self.uses_mixup}[augmentation]
+
     def lr_at(self, epoch: int, step: int, steps_per_epoch: int) -> float:
         """Learning rate at iteration ``step`` of ``epoch`` (both 0-based).
 
