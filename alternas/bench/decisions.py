@@ -32,7 +32,7 @@ def graded_by_table(table: Table, seeds: Sequence[int], steps: list[Step], final
     outcome = Outcome(final)
     truth.grade_steps(outcome, steps, min_gain)
     regret, low, high = truth.gain(truth.best, final)
-    return {"judged_by": [s for s in table.seeds if s not in seeds], "held_out_best": truth.best,
+    return {"judged_by": truth.seeds, "held_out_best": truth.best,
             "regret_pp": regret, "regret_ci": [low, high],
             "within_min_gain": regret <= min_gain,  # the final is within min_gain of the held-out best's mean
             "not_confidently_worse": low <= min_gain,  # ... or the held-out seeds cannot say it is further

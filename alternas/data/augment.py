@@ -55,6 +55,17 @@ def mixes(recipe: Recipe, data: DataSplits) -> bool:
     return recipe.uses_mixup and data.allows("mixing")
 
 
+def mixup_for(recipe: Recipe, data: DataSplits) -> Any | None:
+    """timm's Mixup/CutMix as the recipe sets it (soft targets, label smoothing), or ``None`` where it does not mix:
+    one construction for training and for the Hessian's augmented loss."""
+    if not mixes(recipe, data):
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
+                 label_smoothing=recipe.label_smoothing, num_classes=data.num_classes)
+
+
 def _without_label_breaking_ops(randaugment: Any, data: DataSplits) -> Any | None:
     """timm's RandAugment with the ops ``data`` forbids taken out of its op list (and of its weights, if any);
     ``None`` when none is left."""

@@ -12,7 +12,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from alternas.data.augment import eval_batches, make_train_batches, mixes
+from alternas.data.augment import eval_batches, make_train_batches, mixes, mixup_for
 from alternas.data.datasets import DataSplits
 from alternas.data.loader import TensorLoader
 from alternas.diagnostics import figures
@@ -140,12 +140,7 @@ def _hessian_batches(model, data: DataSplits, recipe: Recipe, config: Diagnostic
     else:
         batches = eval_batches(data, data.train, hessian_batch_size(config, recipe), device, shuffle=True,
                                drop_last=True, seed=config.seed)
-    mixup = None
-    if config.augment and mixes(recipe, data):
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
-                      label_smoothing=recipe.label_smoothing, num_classes=data.num_classes)
+    mixup = mixup_for(recipe, data) if config.augment else None
     for x, y in batches:
         x, y = x.to(device), y.to(device)
         if mixup is not None:

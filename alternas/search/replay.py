@@ -76,7 +76,7 @@ class Truth:
     (it lies at or below), or ``None`` (the truth is too close to call, and the decision is not graded)."""
 
     def __init__(self, table: Table, pool: list[int], level: float = 0.9) -> None:
-        held_out = [s for s in table.seeds if s not in pool]
+        self.seeds = held_out = [s for s in table.seeds if s not in pool]  # the seeds that judge
         if len(held_out) < 2:
             raise ConfigError(f"the table has seeds {table.seeds}; a pool of {len(pool)} leaves fewer than 2 to judge "
                               "by (one seed cannot say how sure the truth is)")

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm.auto import tqdm
 
-from alternas.data.augment import eval_batches, make_train_batches, mixes
+from alternas.data.augment import eval_batches, make_train_batches, mixup_for
 from alternas.data.datasets import DataSplits
 from alternas.errors import ConfigError
 from alternas.faults import fault_point
@@ -265,14 +265,8 @@ def _prepare(model: torch.nn.Module, data: DataSplits, recipe: Recipe, run_dir: 
                                     weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
     train_batches = make_train_batches(data, recipe, dev, seed, rank, world)
     val_batches = eval_batches(data, data.val, recipe.eval_batch_size, dev, workers=recipe.workers)
-    mixup = None
-    if mixes(recipe, data):
-        from timm.data import Mixup
-
-        mixup = Mixup(mixup_alpha=recipe.mixup, cutmix_alpha=recipe.cutmix, prob=1.0,
-                      label_smoothing=recipe.label_smoothing, num_classes=data.num_classes)
-    return _Training(model, model, optimizer, train_batches, val_batches, mixup, recipe, dev, run_dir, rank, world,
-                     [], Evidence.empty(data.val.digest(), len(data.val)))
+    return _Training(model, model, optimizer, train_batches, val_batches, mixup_for(recipe, data), recipe, dev,
+                     run_dir, rank, world, [], Evidence.empty(data.val.digest(), len(data.val)))
 
 
 def _restore(run: _Training, saved: tuple[dict, dict]) -> None:
