@@ -320,9 +320,12 @@ def test_worker_killed_mid_trial_on_postgresql_is_retried_by_the_heartbeat(tmp_p
     import uuid
 
     url = postgres_url()
-    study, killed, victim, epochs_before, _ = _killed_and_restarted_worker(
-        tmp_path, url, study_name=f"kill-{uuid.uuid4().hex[:8]}", heartbeat_s=1, grace_period_s=3)
+    # restarted well inside the grace period, the dead worker's trial still looks alive: the new worker runs the
+    # rest of the study, then waits for that trial to go stale and runs its retry (it used to leave it RUNNING)
+    study, killed, victim, epochs_before, out = _killed_and_restarted_worker(
+        tmp_path, url, study_name=f"kill-{uuid.uuid4().hex[:8]}", heartbeat_s=1, grace_period_s=20)
     retries = [t.number for t in study.trials
                if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == killed.number]
+    assert f"trial {killed.number} stopped beating (its worker died): retried here" in out
     assert len(retries) == 1
     _assert_retried_and_resumed(study, killed, retries[0], victim, epochs_before)

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import get_args
+from typing import Any, get_args
 
 import optuna
 from optuna.trial import TrialState
@@ -28,7 +29,7 @@ from alternas.errors import AlternasError, ConfigError, PlacementError
 from alternas.placement import Placement
 from alternas.search.evaluator import SELECTS_ON_TEST, CandidateResult, Evaluator, mean_over
 from alternas.search.spaces import InvalidCandidate, SearchSpace, default_space_path, load_space
-from alternas.search.storage import JOURNAL, fail_dead_workers, open_storage, worker_attrs
+from alternas.search.storage import JOURNAL, beats, fail_dead_workers, open_storage, worker_attrs
 from alternas.search.study import Pruner, Sampler, StudyConfig, StudyFolder
 
 # objective name -> (result attribute, direction)
@@ -140,16 +141,49 @@ def run_optuna(
             study.enqueue_trial(params, user_attrs={"enqueued": label}, skip_if_exists=True)
     objective = _Objective(config, space, names, multi, quiet, log, data, retry_failed)
     counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)
-    remaining = trials - len(study.get_trials(deepcopy=False, states=counted))
-    if remaining > 0:  # a finished study is only reported: optimize would run one more trial before the callback
-        # a crashed trial fails without counting and is queued again: room for CRASH_RETRIES of them in this run
-        study.optimize(objective, n_trials=remaining + CRASH_RETRIES, catch=(),
-                       callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
-        if objective.stopped_by is not None:
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            raise objective.stopped_by
+
+    def run_remaining() -> None:
+        remaining = trials - len(study.get_trials(deepcopy=False, states=counted))
+        if remaining > 0:  # a finished study is only reported: optimize would run one more trial before the callback
+            # a crashed trial fails without counting and is queued again: room for CRASH_RETRIES of them in this run
+            study.optimize(objective, n_trials=remaining + CRASH_RETRIES, catch=(),
+                           callbacks=[optuna.study.MaxTrialsCallback(trials, states=counted)])
+            if objective.stopped_by is not None:
+                optuna.logging.set_verbosity(optuna.logging.WARNING)
+                raise objective.stopped_by
+
+    running_at_start = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    run_remaining()
+    if beats(opened) and running_at_start:
+        _settle(study, opened, running_at_start, oc.grace_period_s + oc.heartbeat_s, min(oc.heartbeat_s, 5),
+                run_remaining, log)
     Evaluator(config).write_table()  # whole even if a killed worker left it one row behind its result files
     return study
+
+
+def _settle(study: optuna.Study, storage: Any, unsettled: set[int], wait_s: float, poll_s: float,
+            run_remaining: Callable[[], None], log: Callable[[str], None]) -> None:
+    """Wait until each trial that was RUNNING when this worker started has finished or been retried, running any
+    retry here. A trial whose worker died moments before this one started is not yet stale on a heartbeat storage:
+    it counts as running toward the study's total, so without the wait this worker would finish the study one
+    trial short and leave that trial RUNNING until some later worker looks. A live worker's trial ends by itself;
+    after ``wait_s`` (the grace period and a heartbeat) nothing still running can be a dead worker's."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        fail_dead_workers(study, storage, log)  # a stale trial fails and the heartbeat's callback queues its retry
+        states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+        for number in sorted(n for n in unsettled if states[n] == TrialState.FAIL):
+            log(f"trial {number} stopped beating (its worker died): retried here")
+        unsettled = {n for n in unsettled if states[n] == TrialState.RUNNING}
+        run_remaining()
+        if not unsettled or time.monotonic() > deadline:
+            return
+        if not said:
+            log(f"waiting up to {wait_s:.0f} s for trial(s) {', '.join(map(str, sorted(unsettled)))}, running when "
+                "this worker started: finished by their worker, or retried here if their heartbeat goes stale")
+            said = True
+        time.sleep(poll_s)
 
 
 class _Objective:
