@@ -24,17 +24,21 @@ def _epochs_trained(study_dir) -> int:
 
 def graded_by_table(table: Table, seeds: Sequence[int], steps: list[Step], final: str, min_gain: float) -> dict:
     """One pool's answers against a table, judged by the table's seeds outside the pool only: the final's regret
-    to the held-out best (pp, with its 90 % interval), and its decisions graded as ``alternas bench search`` grades
-    a replay's (a decision whose gain the held-out seeds cannot place on one side of ``min_gain`` is ungraded)."""
+    to the held-out best (pp, with its 90 % interval; biased up, since the best is picked on the seeds that measure
+    it), the same regret cross-fitted (biased down: ``replay.cross_fit_regret``), and its decisions graded as
+    ``alternas bench search`` grades a replay's (a decision whose gain the held-out seeds cannot place on one side
+    of ``min_gain`` is ungraded)."""
     from alternas.search.replay import Outcome, Truth
 
     truth = Truth(table, list(seeds))
     outcome = Outcome(final)
     truth.grade_steps(outcome, steps, min_gain)
     regret, low, high = truth.gain(truth.best, final)
+    cross_fit = truth.cross_fit_regret(final)
     return {"judged_by": truth.seeds, "held_out_best": truth.best,
-            "regret_pp": regret, "regret_ci": [low, high],
+            "regret_pp": regret, "regret_ci": [low, high], "regret_cross_fit_pp": cross_fit,
             "within_min_gain": regret <= min_gain,  # the final is within min_gain of the held-out best's mean
+            "cross_fit_within_min_gain": cross_fit <= min_gain,  # ... of the best picked on other held-out seeds
             "not_confidently_worse": low <= min_gain,  # ... or the held-out seeds cannot say it is further
             "accepted_helping": outcome.decisions_true - outcome.rejects_true, "helping": outcome.decisions_true,
             "false_accepts": outcome.accepts_null, "null_decisions": outcome.decisions_null,
@@ -120,13 +124,15 @@ def decision_agreement(study: str = "studies/quickstart.yaml", pools: int = 5, o
             g = r["graded"] = graded_by_table(truth_table, seeds, outcome.steps, outcome.best,
                                               config.buildup.min_gain)
             log(f"    judged by the table's seeds {','.join(map(str, g['judged_by']))}: regret {g['regret_pp']:.2f} pp "
-                f"[{g['regret_ci'][0]:+.2f}, {g['regret_ci'][1]:+.2f}] to {g['held_out_best']}; helping MSAs "
+                f"[{g['regret_ci'][0]:+.2f}, {g['regret_ci'][1]:+.2f}] to {g['held_out_best']} (cross-fitted "
+                f"{g['regret_cross_fit_pp']:.2f} pp); helping MSAs "
                 f"accepted {g['accepted_helping']}/{g['helping']}, false accepts "
                 f"{g['false_accepts']}/{g['null_decisions']}, {g['ungraded']} decisions too close to call")
     best, count = Counter(r["best"] for r in runs).most_common(1)[0]
     decisions = sum(r["decisions"] for r in runs)
     graded = [r["graded"] for r in runs if "graded" in r]
     totals = {"table_dir": table, "pools_within_min_gain": sum(g["within_min_gain"] for g in graded),
+              "pools_cross_fit_within_min_gain": sum(g["cross_fit_within_min_gain"] for g in graded),
               "pools_not_confidently_worse": sum(g["not_confidently_worse"] for g in graded),
               **{key: sum(g[key] for g in graded) for key in _GRADE_TOTALS}}
     return {
@@ -154,6 +160,7 @@ def _describe_graded(g: dict | None) -> str:
     if g is None:
         return ""
     return (f"; judged by {g['table_dir']}: final within min_gain of the held-out best in "
-            f"{g['pools_within_min_gain']} pools, not confidently further in {g['pools_not_confidently_worse']}; "
+            f"{g['pools_within_min_gain']} pools ({g['pools_cross_fit_within_min_gain']} cross-fitted), not "
+            f"confidently further in {g['pools_not_confidently_worse']}; "
             f"helping MSAs accepted {g['accepted_helping']}/{g['helping']}, false accepts "
             f"{g['false_accepts']}/{g['null_decisions']} ({g['ungraded']} decisions too close to call)")
