@@ -85,6 +85,7 @@ class Truth:
                               "by (one seed cannot say how sure the truth is)")
         self.by_seed = {p: np.array([table.accuracy(p, [s]) for s in held_out]) for p in table.placements}
         self.acc = {p: float(v.mean()) for p, v in self.by_seed.items()}
+        self._cross_fit: dict[str, float] = {}  # by final: every strategy of a pool asks for the same few
         self.best = max(self.acc, key=self.acc.get)
         from scipy import stats
 
@@ -140,8 +141,10 @@ class Truth:
         """The final's regret with the best picked and measured on different held-out seeds
         (``cross_fit_regret``)."""
         self._require(final)
-        placements = list(self.by_seed)
-        return cross_fit_regret(np.stack([self.by_seed[p] for p in placements]), placements.index(final))
+        if final not in self._cross_fit:
+            placements = list(self.by_seed)
+            self._cross_fit[final] = cross_fit_regret(np.stack(list(self.by_seed.values())), placements.index(final))
+        return self._cross_fit[final]
 
 
 def cross_fit_regret(acc: np.ndarray, final: int, max_splits: int = 256) -> float:
