@@ -217,6 +217,8 @@ def test_the_cross_fitted_regret_has_no_winner_s_curse_where_the_plain_one_does(
     assert cross_fit_regret(clear, 1) == pytest.approx(3.0) and cross_fit_regret(clear, 0) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="at least 2 seeds"):
         cross_fit_regret(clear[:, :1], 0)
+    with pytest.raises(ConfigError, match="the table has no placement CM,CM,CM,CM,CM"):
+        Truth(hand_made_table({HELPS: 3.0}, seeds=4), [0]).cross_fit_regret("CM,CM,CM,CM,CM")
     wide = 85.0 + rng.normal(0, 2.0, (8, 12))  # 924 splits: 256 drawn (seeded), near the mean over all of them
     assert cross_fit_regret(wide, 2) == cross_fit_regret(wide, 2)
     assert cross_fit_regret(wide, 2) == pytest.approx(cross_fit_regret(wide, 2, max_splits=1000), abs=0.2)
