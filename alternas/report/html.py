@@ -111,7 +111,7 @@ _DECIDED_BY_MARKERS = {"confidence": "circle", "seed budget": "diamond-open", "s
                        "failure": "x", "threshold": "square"}
 
 
-def gain_figure(steps: list[dict], min_gain: float, confidence: float) -> go.Figure:
+def gain_figure(steps: list[dict], min_gain: float) -> go.Figure:
     """Each decision's paired gain over its incumbent with its interval: what the accept/reject rests on. Steps
     rejected because the seed budget ran out (undecided) are drawn open."""
     fig = go.Figure()
@@ -132,8 +132,9 @@ def gain_figure(steps: list[dict], min_gain: float, confidence: float) -> go.Fig
             hoverinfo="text+y",
         ))
     fig.add_hline(y=min_gain, line={"dash": "dot", "color": "#555"}, annotation_text=f"min_gain {min_gain:g} pp")
-    fig.update_layout(title=f"Paired gain over the incumbent, {confidence:.0%} interval (open: undecided at the seed "
-                            "budget; triangle: stopped at screening)", xaxis_title="step: placement",
+    fig.update_layout(title="Paired gain over the incumbent, the decision's interval: accept above, reject below "
+                            "min_gain (open: undecided at the seed budget; triangle: stopped at screening)",
+                      xaxis_title="step: placement",
                       yaxis_title="validation accuracy gain (pp)", height=460)
     return fig
 
@@ -341,7 +342,7 @@ def build_report(study_dir: str | Path, extra_figures: list[go.Figure] | None = 
         steps = trajectory["steps"]
         figures.append(trajectory_figure(steps))
         if any(s.get("gain_ci") for s in steps):
-            figures.append(gain_figure(steps, trajectory.get("min_gain", 0.0), trajectory.get("confidence", 0.9)))
+            figures.append(gain_figure(steps, trajectory.get("min_gain", 0.0)))
         best = trajectory["best"]
         results = _results_frame(study_dir)
         robust = None if results is None else robustness_figure(results, steps, best,
