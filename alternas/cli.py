@@ -367,7 +367,10 @@ def _run_workers(command: str, config: Any, workers: int, storage: str | None, q
 @click.option("--screen-at", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Look at this fraction of the epochs first; stop children confidently worse there.")
 @click.option("--pool-seed-variance/--no-pool-seed-variance", default=None,
-              help="Comparisons borrow the seed variance the study's earlier comparisons measured (default: on).")
+              help="Comparisons borrow the seed variance the study's earlier comparisons measured (default: off).")
+@click.option("--accept-spending", type=click.Choice(["power", "equal"]), default=None,
+              help="How a comparison's looks share its false-accept rate: by the share of seeds seen, so looks at few "
+                   "seeds keep little (power, default), or evenly (equal, Bonferroni).")
 @click.option("--patience", type=click.IntRange(min=0), default=None,
               help="After a reject, keep adding MSAs in that stage on the rejected net this many times (default 0).")
 @click.option("--max-candidates", type=click.IntRange(min=1), default=None,
@@ -384,8 +387,8 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
             data_root: str | None, subset: float | None, recipe_name: str | None, epochs: int | None,
             seeds: str | None, start: str | None, min_gain: float | None, confidence: float | None,
             min_seeds: int | None, max_seeds: int | None, screen_at: float | None,
-            pool_seed_variance: bool | None, patience: int | None, max_candidates: int | None,
-            budget_hours: float | None, warm_start: bool | None, storage: str | None,
+            pool_seed_variance: bool | None, accept_spending: str | None, patience: int | None,
+            max_candidates: int | None, budget_hours: float | None, warm_start: bool | None, storage: str | None,
             workers: int, threads: int | None, worker: bool, out_dir: str | None, device: str | None, quiet: bool,
             retry_failed: bool) -> None:
     """Run (or resume) the automated build-up search; finished candidates are never retrained. Start it on every
@@ -398,6 +401,7 @@ def buildup(study_file: str | None, name: str | None, base: str | None, data_nam
                                              "buildup.confidence": confidence, "buildup.min_seeds": min_seeds,
                                              "buildup.max_seeds": max_seeds, "buildup.screen_at": screen_at,
                                              "buildup.pool_seed_variance": pool_seed_variance,
+                                             "buildup.accept_spending": accept_spending,
                                              "buildup.patience": patience, "buildup.max_candidates": max_candidates,
                                              "buildup.budget_hours": budget_hours, "buildup.warm_start": warm_start})
     click.echo(f"study {config.name}: base {config.base}, data {config.data.name}, recipe {config.recipe.name} "

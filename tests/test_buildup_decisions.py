@@ -79,17 +79,18 @@ def test_a_crashed_run_is_asked_for_again_never_counted_as_a_failure() -> None:
     assert step.decision == "reject" and step.decided_by == "failure"
 
 
-@pytest.mark.parametrize("looks", [1, 3])
-def test_the_printed_interval_is_the_one_the_decision_uses(looks: int) -> None:
-    """Accept exactly when the interval's lower end clears min_gain, reject exactly when its upper end is below."""
-    rng = np.random.default_rng(looks)
+@pytest.mark.parametrize("accept_at", [None, 0.97])
+def test_the_printed_interval_is_the_one_the_decision_uses(accept_at: float | None) -> None:
+    """Accept exactly when the interval's lower end clears min_gain, reject exactly when its upper end is below (a
+    single look, and an early look of a race that accepts only at 0.97)."""
+    rng = np.random.default_rng(1 if accept_at is None else 3)
     seen = set()
     for _ in range(400):
         parent = rng.random((3, 300)) < 0.8
         fixed = ~parent & (rng.random((3, 300)) < rng.uniform(0, 0.3))  # errors the child gets right
         broken = parent & (rng.random((3, 300)) < rng.uniform(0, 0.05))  # and right answers it gets wrong
         child = (parent | fixed) & ~broken
-        c = compare_paired(child, parent, 0.5, 0.9, looks=looks)
+        c = compare_paired(child, parent, 0.5, 0.9, accept_at=accept_at)
         lo, hi = c.bounds
         assert (c.decision == "accept") == (lo >= c.min_gain) and (c.decision == "reject") == (hi <= c.min_gain)
         assert f"[{lo:+.2f}, {hi:+.2f}]" in c.describe() and f"accept >= {c.accept_at:.3g}" in c.describe()
@@ -104,7 +105,7 @@ def test_the_trajectory_keeps_the_decisions_interval() -> None:
     step = replay_buildup(config, done.get).policy.steps[1]
     child = np.stack([_fix(_parent(s), 60) for s in (0, 1)])
     outcome = sequential_compare(lambda k: (child[:k], np.stack([_parent(s) for s in range(k)])), min_seeds=2,
-                                 max_seeds=3, min_gain=0.5, confidence=0.9)
+                                 max_seeds=3, spending=config.buildup.accept_spending, min_gain=0.5, confidence=0.9)
     assert step.decision == outcome.decision == "accept"
     assert step.gain_ci == list(outcome.final.bounds) and step.gain_ci[0] > 0.5
 

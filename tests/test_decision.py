@@ -2,6 +2,7 @@
 per-example evidence files it reads."""
 
 import hashlib
+from typing import get_args
 
 import numpy as np
 import pytest
@@ -10,12 +11,15 @@ import torch
 from alternas.data.datasets import DataConfig, ImageData, load_data
 from alternas.search.decision import (
     BORROWED_DF_CAP,
+    SPENDINGS,
     SeedVariance,
+    accept_level,
     compare_paired,
     gain_variance,
     seed_component,
     sequential_compare,
 )
+from alternas.search.study import Spending
 from alternas.train import fit, get_recipe
 from alternas.train.evidence import Evidence, load_evidence
 from alternas.train.run import model_for
@@ -96,24 +100,71 @@ def test_seed_noise_widens_the_interval_and_examples_set_its_floor() -> None:
     assert var_split > 3 * var_agree and df_split < 5  # the seed term dominates: about one degree of freedom
 
 
+@pytest.mark.parametrize("spending", SPENDINGS)
 @pytest.mark.parametrize("seed_sd", [0.1, 0.3])
-def test_calibration_no_true_difference_false_accepts_stay_within_the_confidence(seed_sd: float) -> None:
+def test_calibration_no_true_difference_false_accepts_stay_within_the_confidence(seed_sd: float,
+                                                                                 spending: str) -> None:
     """With exchangeable child and parent (true gain 0 = min_gain, the hardest case), the sequential race from 2 to
-    5 seeds at confidence 0.9 accepts at most 10% + 2 pp of the time; so does a single look at 2 seeds."""
+    5 seeds at confidence 0.9 accepts at most 10% + 2 pp of the time, however its looks share that rate; so does a
+    single look at 2 seeds."""
     rng = np.random.default_rng(10)
     sims, sequential_accepts, single_accepts = 1500, 0, 0
     for _ in range(sims):
         child, parent = simulate_pair(rng, 0.0, seed_sd)
         single_accepts += compare_paired(child[:2], parent[:2], 0.0, 0.9).decision == "accept"
         outcome = sequential_compare(lambda k, c=child, p=parent: (c[:k], p[:k]), min_seeds=2, max_seeds=5,
-                                     min_gain=0.0, confidence=0.9)
+                                     min_gain=0.0, confidence=0.9, spending=spending)
         sequential_accepts += outcome.decision == "accept"
     assert sequential_accepts / sims <= 0.12
     assert single_accepts / sims <= 0.12
 
 
+@pytest.mark.parametrize(("low", "high"), [(2, 3), (2, 5), (1, 4), (3, 3), (4, 5)])
+def test_the_looks_of_a_race_share_exactly_its_false_accept_rate(low: int, high: int) -> None:
+    """A union bound: the looks' shares of 1 - confidence sum to it under either spending, so the race's false-accept
+    rate stays within it whatever the looks' correlation. "power" shares it by the seeds seen: where the first look
+    has few of them, it keeps little and later looks accept more easily than the even split's."""
+    for spending in SPENDINGS:
+        shares = [1 - accept_level(k, low, high, 0.9, spending) for k in range(low, high + 1)]
+        assert sum(shares) == pytest.approx(0.1) and all(share > 0 for share in shares)
+    levels = [accept_level(k, low, high, 0.9) for k in range(low, high + 1)]
+    if low == high:
+        assert levels == [accept_level(low, low, high, 0.9, "equal")] == [0.9]  # a single look: the confidence
+    elif low <= high / 2 + 1:
+        assert levels[-1] < accept_level(high, low, high, 0.9, "equal")
+        assert levels == sorted(levels, reverse=True)  # later looks accept more easily
+    else:  # the first look already has most of the seeds (4 of 5): its share is about the last one's
+        assert levels[0] == pytest.approx(levels[-1], abs=0.005)
+    assert accept_level(3, 2, 3, 0.9) == pytest.approx(1 - 0.1 * (1 - (2 / 3) ** 3))
+    with pytest.raises(ValueError, match="spending"):
+        accept_level(2, 2, 3, 0.9, "late")
+    with pytest.raises(ValueError, match="no look at 4"):
+        accept_level(4, 2, 3, 0.9)
+    with pytest.raises(ValueError, match="no look at 0"):
+        accept_level(0, 0, 3, 0.9)
+    with pytest.raises(ValueError, match="accept_at"):  # a look never accepts more easily than a single one
+        compare_paired(np.ones((2, 10)), np.zeros((2, 10)), 0.5, 0.9, accept_at=0.85)
+    assert get_args(Spending) == SPENDINGS  # the study file's choices are the rule's
+
+
+def test_spending_the_false_accept_rate_late_accepts_true_gains_the_equal_split_rejects() -> None:
+    """Why "power" is the default: from 2 to 3 seeds, a first look whose t has one degree of freedom almost never
+    accepts, so the equal split wastes half the rate there; spent late, the same race accepts a real gain more often
+    (and the null rate stays within the confidence: the calibration test above)."""
+    rng = np.random.default_rng(32)
+    sims, accepted = 400, {spending: 0 for spending in SPENDINGS}
+    for _ in range(sims):
+        child, parent = simulate_pair(rng, 0.6, 0.3)
+        for spending in SPENDINGS:
+            outcome = sequential_compare(lambda k, c=child, p=parent: (c[:k], p[:k]), min_seeds=2, max_seeds=3,
+                                         min_gain=0.5, confidence=0.9, spending=spending)
+            accepted[spending] += outcome.decision == "accept"
+    assert accepted["power"] >= accepted["equal"] + 0.03 * sims, accepted
+
+
 def test_calibration_without_the_look_correction_the_race_would_over_accept() -> None:
-    """Why ``looks`` exists: four uncorrected looks at the same null comparison accept far more than 10%."""
+    """Why the looks share the rate (``accept_level``): four uncorrected looks at the same null comparison accept far
+    more than 10%."""
     rng = np.random.default_rng(11)
     sims, accepts = 1000, 0
     for _ in range(sims):
@@ -140,7 +191,7 @@ def test_calibration_a_gain_of_three_seed_sds_is_accepted_within_the_seed_budget
     for _ in range(sims):
         child, parent = simulate_pair(rng, high, seed_sd)
         outcome = sequential_compare(lambda k, c=child, p=parent: (c[:k], p[:k]), min_seeds=2, max_seeds=5,
-                                     min_gain=0.5, confidence=0.9)
+                                     spending="power", min_gain=0.5, confidence=0.9)
         accepts += outcome.decision == "accept"
         seeds.append(outcome.seeds_used)
     assert accepts / sims >= 0.8
@@ -184,7 +235,7 @@ def test_calibration_borrowing_the_study_s_seed_variance_keeps_false_accepts_wit
         borrow = _borrowed_from_others(rng, float(rng.choice([0.0, 0.3])), seed_sd)
         child, parent = simulate_pair(rng, 0.0, seed_sd)
         outcome = sequential_compare(lambda k, c=child, p=parent: (c[:k], p[:k]), min_seeds=2, max_seeds=3,
-                                     min_gain=0.0, confidence=0.9, borrow=borrow)
+                                     spending="power", min_gain=0.0, confidence=0.9, borrow=borrow)
         accepts += outcome.decision == "accept"
     assert accepts / sims <= 0.12
 
@@ -198,7 +249,8 @@ def test_borrowing_the_study_s_seed_variance_buys_power_at_two_to_three_seeds() 
         borrow = _borrowed_from_others(rng, 0.0, 0.6)
         child, parent = simulate_pair(rng, 0.8, 0.6)
         decisions = [sequential_compare(lambda k, c=child, p=parent: (c[:k], p[:k]), min_seeds=2, max_seeds=3,
-                                        min_gain=0.5, confidence=0.9, borrow=given).decision == "accept"
+                                        spending="power", min_gain=0.5, confidence=0.9,
+                                        borrow=given).decision == "accept"
                      for given in (None, borrow)]
         alone += decisions[0]
         borrowed += decisions[1]
@@ -215,12 +267,13 @@ def test_sequential_compare_asks_for_seeds_only_while_undecided() -> None:
         asked.append(k)
         return clear[:k], parent[:k]
 
-    outcome = sequential_compare(evidence, min_seeds=2, max_seeds=5, min_gain=0.0, confidence=0.9)
+    outcome = sequential_compare(evidence, min_seeds=2, max_seeds=5, spending="power", min_gain=0.0, confidence=0.9)
     assert outcome.decision == "accept" and outcome.decided_by == "confidence" and asked == [2]
     asked.clear()
     looks = []
     outcome = sequential_compare(evidence := (lambda k: (asked.append(k) or (parent[:k], parent[:k]))),
-                                 min_seeds=2, max_seeds=4, on_look=lambda c, k, more: looks.append((k, more)))
+                                 min_seeds=2, max_seeds=4, spending="power",
+                                 on_look=lambda c, k, more: looks.append((k, more)))
     assert outcome.decision == "reject" and outcome.decided_by == "seed budget" and outcome.seeds_used == 4
     assert asked == [2, 3, 4] and looks == [(2, True), (3, True), (4, False)]
 

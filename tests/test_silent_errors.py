@@ -439,22 +439,33 @@ def test_two_workers_starting_at_once_with_different_settings_never_both_go_on(t
         SharedEvaluations(study_from_dict(_study(tmp_path, buildup={"min_gain": 0.0})), log=lambda _: None)
 
 
-def test_a_search_stored_before_seed_pooling_existed_resumes_only_without_it(tmp_path) -> None:
-    """Its settings carry no pool_seed_variance: it decided without pooling, so resuming it with pooling (the
-    default now) would replay other decisions: refused, naming the key; without pooling it resumes."""
+@pytest.mark.parametrize(("key", "before", "now"), [("pool_seed_variance", False, True),
+                                                     ("accept_spending", "equal", "power")])
+def test_a_search_stored_before_a_decision_setting_existed_resumes_only_as_it_decided(tmp_path, key: str,
+                                                                                     before: object,
+                                                                                     now: object) -> None:
+    """Its settings lack the key: it decided as the code did then (no seed pooling; looks sharing the false-accept
+    rate evenly), so resuming it otherwise would replay other decisions: refused, naming the key; with the old
+    setting it resumes."""
     from alternas.errors import ConfigError
     from alternas.search.evaluated import EvaluationRequest
     from alternas.search.evaluations import SharedEvaluations
 
-    config = study_from_dict(_study(tmp_path))
+    config = study_from_dict(_study(tmp_path, seeds=[0, 1, 2], buildup={key: now}))  # a race from 2 to 3 seeds
+    assert config.seed_budget == (2, 3)
     board = SharedEvaluations(config, log=lambda _: None)
     board.claim(EvaluationRequest("CC,CC,CC,CC", 0, "k0"))
     stored = dict(board.study.user_attrs["decision_settings"])
-    assert stored.pop("pool_seed_variance") is True
+    assert stored.pop(key) == now
     board.study.set_user_attr("decision_settings", stored)  # as a search started before the key existed left it
-    with pytest.raises(ConfigError, match=r"pool_seed_variance False \(here True\)"):
+    with pytest.raises(ConfigError, match=rf"{key} {before!r} \(here {now!r}\)"):
         SharedEvaluations(config, log=lambda _: None)
-    SharedEvaluations(replace(config, buildup=replace(config.buildup, pool_seed_variance=False)), log=lambda _: None)
+    SharedEvaluations(replace(config, buildup=replace(config.buildup, **{key: before})), log=lambda _: None)
+    if key == "accept_spending":  # a single look at 2 seeds decides alike under either spending: it resumes
+        single = study_from_dict(_study(tmp_path, seeds=[0, 1, 2], buildup={key: now, "min_seeds": 2, "max_seeds": 2}))
+        stored.update(min_seeds=2, max_seeds=2)
+        board.study.set_user_attr("decision_settings", stored)
+        SharedEvaluations(single, log=lambda _: None)
 
 
 def test_a_worker_whose_data_gives_another_split_is_refused_before_it_trains(tmp_path) -> None:

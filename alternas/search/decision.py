@@ -14,22 +14,30 @@ the interval is a Student t. With two or three seeds the seed term has one or tw
 interval is wide: that is the honest answer, and what sequential seeds are for. With one seed the seed term
 cannot be estimated and only example-level noise is counted (a paired, McNemar-like interval).
 
-**Seed noise borrowed from the study (empirical Bayes).** Two or three seeds give the seed term one or two degrees
-of freedom, and a t with one degree of freedom needs a gain six standard errors above ``min_gain`` to accept at
-0.95: most true gains are rejected by the seed budget. The comparisons of one study share its data, recipe and
-base, and on the shipped tables their seed-to-seed gain variances agree about as well as their sampling noise
-allows. So, as limma's moderated t does for genes, a comparison may borrow the seed component ``var(a)`` its
-study's earlier comparisons measured (``SeedVariance``, pooled by degrees of freedom, floored at zero, its df capped
-at ``BORROWED_DF_CAP``: comparisons sharing an incumbent and its seeds are not independent). The seed mean square,
-whose expectation is ``n var(a) + var(e)``, becomes the df-weighted average of its own and ``n var(a)_borrowed +
-MS_resid``, with the summed degrees of freedom. One seed then counts seed noise too, at the borrowed level.
+**Seed noise borrowed from the study (empirical Bayes; ``buildup.pool_seed_variance``, off by default).** Two or
+three seeds give the seed term one or two degrees of freedom. As limma's moderated t does for genes, a comparison may
+borrow the seed component ``var(a)`` its study's earlier comparisons measured (``SeedVariance``, pooled by degrees of
+freedom, floored at zero, its df capped at ``BORROWED_DF_CAP``: comparisons sharing an incumbent and its seeds are
+not independent). The seed mean square, whose expectation is ``n var(a) + var(e)``, becomes the df-weighted average
+of its own and ``n var(a)_borrowed + MS_resid``, with the summed degrees of freedom. One seed then counts seed noise
+too, at the borrowed level. That is a bet that the comparisons share their seed noise, and two or three seeds
+cannot check it. On the brightest table it loses: a start that converges badly (per-seed SD 4-8 pp) hands the later
+comparisons within the converged c4 family a seed variance several times their own, and replayed build-ups find
+that table's best placement in 5.5 % of pools with it against 27 % without; on the other two tables it moves no
+build-up's regret and saves 3 % of the cost (docs/concepts/ground-truth.md).
 
 ``p_gain`` is the t-distribution's probability that the true gain exceeds ``min_gain`` (the confidence
-distribution of the gain). ``accept`` when ``p_gain >= confidence``, ``reject`` when ``p_gain <= 1 - confidence``,
-else ``undecided``. A sequential comparison looks several times at growing evidence; to keep its false-accept
-rate at ``1 - confidence`` over all its looks, ``looks=L`` asks for ``p_gain >= 1 - (1 - confidence) / L`` to
-accept (Bonferroni over the planned looks). Rejecting needs no such correction: an undecided comparison is
-rejected at the end anyway. ``tests/test_decision.py`` checks both rates by simulation.
+distribution of the gain). ``accept`` when ``p_gain >= accept_at`` (``confidence`` for a single look), ``reject``
+when ``p_gain <= 1 - confidence``, else ``undecided``. A sequential comparison looks several times at growing
+evidence; to keep its false-accept rate at ``1 - confidence`` over all its looks, each look may spend only a share of
+that rate, and the shares sum to it (a union bound: valid whatever the looks' correlation). ``accept_level`` gives
+each look its share: ``"power"`` (the default) spends by the share of seeds seen, ``alpha (k / max_seeds)^3`` by
+the look at ``k`` seeds (the Kim-DeMets power family with rho = 3, close to O'Brien-Fleming's boundary), so looks at
+few seeds, whose t has one or two degrees of freedom and rarely accepts anyway, keep little (from 2 to 3 seeds:
+accept at 0.970, then 0.930; from 2 to 5: 0.994, 0.985, 0.970, 0.951; a first look that already has most of the
+seeds keeps its share of them: from 4 to 5, 0.949 then 0.951); ``"equal"`` splits it evenly (Bonferroni: 0.95 at each
+of two looks). Rejecting needs no such correction: an undecided comparison is rejected at the end anyway.
+``tests/test_decision.py`` checks the rates by simulation.
 
 What a reader sees is the same rule as an interval, ``bounds``: its lower end is the one-sided bound at the accept
 level, its upper end the one-sided bound at ``confidence``. The comparison accepts exactly when the lower end is at
@@ -57,7 +65,7 @@ class Comparison:
     decision: str
     min_gain: float
     confidence: float
-    accept_at: float  # p_gain needed to accept (confidence, raised for the looks of a sequential comparison)
+    accept_at: float  # p_gain needed to accept (confidence; a sequential comparison's look: its accept_level)
     bounds: tuple[float, float]  # the decision's interval: accept iff bounds[0] >= min_gain, reject iff bounds[1] <=
     se: float
     df: float
@@ -168,14 +176,18 @@ def compare_paired(
     min_gain: float = 0.0,
     confidence: float = 0.9,
     *,
-    looks: int = 1,
+    accept_at: float | None = None,
     borrow: SeedVariance | None = None,
 ) -> Comparison:
     """Compare ``child`` with ``parent``: (n_seeds, n_examples) arrays of 0/1 correctness, paired by row (seed)
-    and column (validation example), the seed term moderated by the study's pooled ``borrow`` if given. See the
-    module docstring for the noise model."""
+    and column (validation example), the seed term moderated by the study's pooled ``borrow`` if given; a look of
+    a sequential comparison accepts at its ``accept_level`` (default: ``confidence``). See the module docstring for
+    the noise model."""
     if not 0.5 < confidence < 1:
         raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    accept_at = confidence if accept_at is None else accept_at
+    if not confidence <= accept_at < 1:
+        raise ValueError(f"accept_at must be in [confidence, 1), got {accept_at}")
     child = np.atleast_2d(np.asarray(child, dtype=np.float64))
     parent = np.atleast_2d(np.asarray(parent, dtype=np.float64))
     if child.shape != parent.shape or child.size == 0:
@@ -187,7 +199,6 @@ def compare_paired(
     mean_squares = _MeanSquares.of(diff)
     variance, df = mean_squares.gain_variance(borrow)
     se = math.sqrt(max(variance, 0.0))
-    accept_at = 1 - (1 - confidence) / max(looks, 1)
     if se > 0:
         p_gain = float(stats.t.cdf((gain - min_gain) / se, df))
         half = float(stats.t.ppf(0.5 + confidence / 2, df)) * se
@@ -200,6 +211,31 @@ def compare_paired(
     return Comparison(gain, (gain - half, gain + half), p_gain, decision, min_gain, confidence, accept_at, bounds,
                       se, df, n_seeds, n_examples, tuple(float(v) for v in diff.mean(axis=1)), borrow,
                       mean_squares.seed_component())
+
+
+SPENDINGS = ("power", "equal")  # how a race's looks share its false-accept rate (``accept_level``)
+POWER_SPENDING_RHO = 3.0  # Kim & DeMets' power family: rho = 3 is close to O'Brien & Fleming's boundary
+
+
+def _check_spending(spending: str) -> None:
+    if spending not in SPENDINGS:
+        raise ValueError(f"spending must be one of {', '.join(SPENDINGS)}, got {spending!r}")
+
+
+def accept_level(k: int, min_seeds: int, max_seeds: int, confidence: float, spending: str = "power") -> float:
+    """The ``p_gain`` a look at ``k`` seeds needs to accept, in a race from ``min_seeds`` to ``max_seeds``: the looks'
+    shares of the false-accept rate ``1 - confidence`` sum to it (module docstring)."""
+    _check_spending(spending)
+    if not 1 <= min_seeds <= k <= max_seeds:
+        raise ValueError(f"a race from {min_seeds} to {max_seeds} seeds has no look at {k}")
+    alpha = 1 - confidence
+    if spending == "equal":
+        return 1 - alpha / (max_seeds - min_seeds + 1)
+
+    def spent(seeds: int) -> float:  # the share spent by the look at ``seeds`` (none before the first)
+        return (seeds / max_seeds) ** POWER_SPENDING_RHO if seeds >= min_seeds else 0.0
+
+    return 1 - alpha * (spent(k) - spent(k - 1))
 
 
 @dataclass
@@ -222,16 +258,17 @@ class SeedRace:
 
     The first look is at ``min_seeds``; while undecided and seeds remain, one more seed and look again. Undecided at
     ``max_seeds`` (or when fewer rows than asked for came: the pool ran out) is a reject decided by the seed budget
-    (the rule: "if it does not improve"). The accept level is raised for the planned looks (module docstring);
-    ``borrow`` is the study's pooled seed variance.
+    (the rule: "if it does not improve"). Each look accepts at its ``accept_level`` under ``spending`` (module
+    docstring); ``borrow`` is the study's pooled seed variance.
     """
 
-    def __init__(self, *, min_seeds: int, max_seeds: int, min_gain: float = 0.0, confidence: float = 0.9,
-                 borrow: SeedVariance | None = None) -> None:
+    def __init__(self, *, min_seeds: int, max_seeds: int, spending: str, min_gain: float = 0.0,
+                 confidence: float = 0.9, borrow: SeedVariance | None = None) -> None:
         if not 1 <= min_seeds <= max_seeds:
             raise ValueError(f"need 1 <= min_seeds <= max_seeds, got {min_seeds} and {max_seeds}")
-        self.max_seeds, self.min_gain, self.confidence, self.borrow = max_seeds, min_gain, confidence, borrow
-        self.planned = max_seeds - min_seeds + 1
+        _check_spending(spending)
+        self.min_seeds, self.max_seeds, self.min_gain, self.confidence = min_seeds, max_seeds, min_gain, confidence
+        self.borrow, self.spending = borrow, spending
         self.looks: list[Comparison] = []
         self.outcome: SequentialOutcome | None = None
         self._k: int | None = min_seeds
@@ -244,7 +281,8 @@ class SeedRace:
     def tell(self, child: np.ndarray, parent: np.ndarray) -> tuple[Comparison, bool]:
         """Look at the evidence of ``wanted`` seeds: (the look, whether a seed is added for another look)."""
         k = self._require()
-        look = compare_paired(child, parent, self.min_gain, self.confidence, looks=self.planned, borrow=self.borrow)
+        look = compare_paired(child, parent, self.min_gain, self.confidence, borrow=self.borrow,
+                              accept_at=accept_level(k, self.min_seeds, self.max_seeds, self.confidence, self.spending))
         self.looks.append(look)
         more = look.decision == "undecided" and k < self.max_seeds and len(child) == k
         if look.decision != "undecided":
@@ -279,6 +317,7 @@ def sequential_compare(
     *,
     min_seeds: int,
     max_seeds: int,
+    spending: str,
     min_gain: float = 0.0,
     confidence: float = 0.9,
     on_look: Callable[[Comparison, int, bool], None] | None = None,
@@ -287,8 +326,8 @@ def sequential_compare(
     """A ``SeedRace`` run to its end: ``evidence(k)`` returns the (k, n_examples) child and parent arrays of the
     first ``k`` seeds (fewer rows: the pool ran out; ``None``: no look at ``k``), ``on_look(comparison, seeds,
     will_add_seed)`` lets the caller report each look."""
-    race = SeedRace(min_seeds=min_seeds, max_seeds=max_seeds, min_gain=min_gain, confidence=confidence,
-                    borrow=borrow)
+    race = SeedRace(min_seeds=min_seeds, max_seeds=max_seeds, spending=spending, min_gain=min_gain,
+                    confidence=confidence, borrow=borrow)
     while (k := race.wanted) is not None:
         arrays = evidence(k)
         if arrays is None:

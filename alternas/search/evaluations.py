@@ -55,7 +55,8 @@ class Snapshot:
     running: set[str]  # evaluation ids some worker is running
 
 
-SETTINGS_BEFORE_THEY_WERE_STORED = {"pool_seed_variance": False}  # what a search stored before a key existed ran with
+# what a search stored before a key existed ran with
+SETTINGS_BEFORE_THEY_WERE_STORED = {"pool_seed_variance": False, "accept_spending": "equal"}
 
 
 def decision_settings(config: StudyConfig) -> dict[str, Any]:
@@ -67,8 +68,8 @@ def decision_settings(config: StudyConfig) -> dict[str, Any]:
                 for k, v in training_settings(config, config.recipe).items()}
     return {"seeds": list(config.seeds), "start": str(start_placement(config)), "min_gain": b.min_gain,
             "confidence": b.confidence, "min_seeds": low, "max_seeds": high, "screen_at": b.screen_at,
-            "pool_seed_variance": b.pool_seed_variance, "patience": b.patience, "warm_start": b.warm_start,
-            "warm_start_epochs": b.warm_start_epochs, **training}
+            "pool_seed_variance": b.pool_seed_variance, "accept_spending": b.accept_spending, "patience": b.patience,
+            "warm_start": b.warm_start, "warm_start_epochs": b.warm_start_epochs, **training}
 
 
 def encode_correct(correct: np.ndarray) -> str:
@@ -121,7 +122,8 @@ class SharedEvaluations:
         """One line naming every decision setting that differs between this worker and the search's stored ones."""
         mine = decision_settings(self.config)
         stored = {**SETTINGS_BEFORE_THEY_WERE_STORED, **self.study.user_attrs.get("decision_settings", mine)}
-        differing = sorted(k for k in mine.keys() | stored.keys() if mine.get(k) != stored.get(k))
+        ignored = {"accept_spending"} if mine["min_seeds"] == mine["max_seeds"] else set()  # one look: nothing shared
+        differing = sorted(k for k in (mine.keys() | stored.keys()) - ignored if mine.get(k) != stored.get(k))
         if differing:
             shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)
             raise ConfigError(f"the build-up {self.study.study_name!r} in this storage runs with other settings: "

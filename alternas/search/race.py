@@ -227,8 +227,8 @@ class Race:
         screened = self._screen(child, incumbent)
         if screened is not None:
             return screened
-        race = SeedRace(min_seeds=self.min_seeds, max_seeds=self.max_seeds, min_gain=self.b.min_gain,
-                        confidence=self.b.confidence, borrow=self.borrow)
+        race = SeedRace(min_seeds=self.min_seeds, max_seeds=self.max_seeds, spending=self.b.accept_spending,
+                        min_gain=self.b.min_gain, confidence=self.b.confidence, borrow=self.borrow)
         pairs: list[Pair] = []
         while (k := race.wanted) is not None:
             draw = self._draw(child, incumbent, k)

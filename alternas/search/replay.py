@@ -285,8 +285,9 @@ def replay_pairs(table: Table, config: StudyConfig, truth: Truth, seed: int = 0)
 
     def decide(child: str, parent: str, borrow: SeedVariance | None = None) -> SequentialOutcome:
         c, q = usable[child], usable[parent]
-        return sequential_compare(lambda k: (c[:k], q[:k]), min_seeds=low, max_seeds=high, min_gain=b.min_gain,
-                                  confidence=b.confidence, borrow=borrow)
+        return sequential_compare(lambda k: (c[:k], q[:k]), min_seeds=low, max_seeds=high,
+                                  spending=b.accept_spending, min_gain=b.min_gain, confidence=b.confidence,
+                                  borrow=borrow)
 
     pairs = [(child, parent) for child in usable for parent in usable if child != parent]
     measured = {}

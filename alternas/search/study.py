@@ -26,6 +26,8 @@ from alternas.models.bases import get_base
 from alternas.placement import Placement
 from alternas.train.recipe import MAX_EPOCHS, Recipe, get_recipe
 
+Spending = Literal["power", "equal"]  # decision.SPENDINGS (a test keeps them equal)
+
 
 @dataclass(frozen=True)
 class BuildupConfig:
@@ -37,7 +39,8 @@ class BuildupConfig:
     min_seeds: int | None = None  # seeds a comparison starts with; default min(2, len(seeds))
     max_seeds: int | None = None  # seeds it may grow to while undecided; default min(5, len(seeds))
     screen_at: float | None = None  # look at this fraction of the epochs first; stop confidently worse children
-    pool_seed_variance: bool = True  # a comparison borrows the seed variance its study's earlier comparisons measured
+    pool_seed_variance: bool = False  # a comparison borrows the seed variance its study's earlier comparisons measured
+    accept_spending: Spending = "power"  # how a race's looks share its false-accept rate (decision.accept_level)
     patience: int = 0  # after a reject, keep adding MSAs in the same stage on the rejected net this many times
     max_candidates: int = 50  # placements evaluated, the start included
     budget_hours: float | None = None  # stop once candidates have used this much wall time
