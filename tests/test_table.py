@@ -244,6 +244,22 @@ def test_the_cross_fitted_regret_has_no_winner_s_curse_where_the_plain_one_does(
     assert cross_fit_regret(tied, 2) == cross_fit_regret(tied[[1, 0, 2]], 2) == pytest.approx((5 + 5 + 4 * 10) / 6)
 
 
+def test_a_final_tied_with_the_held_out_best_is_the_best_whatever_the_row_order() -> None:
+    """Two placements with the same held-out accuracy on every seed are both the true best: p_best 1 for either
+    (before, the first in the table's order won the tie and the other scored 0), regret 0."""
+    from alternas.search.replay import Outcome
+
+    table = hand_made_table({HELPS: 3.0}, seeds=4)
+    twin = next(p for p in table.placements if p not in (HELPS, START))
+    for seed in table.seeds:  # the twin's runs answer exactly as the helping MSA's
+        table.correct[(twin, seed)] = table.correct[(HELPS, seed)].copy()
+    truth = Truth(table, [0])
+    for final in (HELPS, twin):
+        scored = truth.score(Outcome(final))
+        assert scored.p_best == 1.0 and scored.regret_pp == 0.0, final
+    assert truth.score(Outcome(START)).p_best == 0.0 and truth.tied_best == {HELPS, twin}
+
+
 def test_bench_decisions_grades_each_pool_of_real_runs_against_a_table(tmp_path) -> None:
     raw = small_study(tmp_path, seeds=[0, 1], recipe={"epochs": 2},
                       diagnostics={"hessian": False, "fourier": False},

@@ -87,6 +87,9 @@ class Truth:
         self.acc = {p: float(v.mean()) for p, v in self.by_seed.items()}
         self._cross_fit: dict[str, float] = {}  # by final: every strategy of a pool asks for the same few
         self.best = max(self.acc, key=self.acc.get)
+        # every placement tied with it (accuracies come in steps of one validation image): a final among them is
+        # the true best, whatever the row order
+        self.tied_best = {p for p, a in self.acc.items() if math.isclose(a, self.acc[self.best], abs_tol=1e-9)}
         from scipy import stats
 
         self._t = float(stats.t.ppf(0.5 + level / 2, len(held_out) - 1))
@@ -132,7 +135,7 @@ class Truth:
                 self.grade(outcome, step.placement, step.incumbent, min_gain, step.decision == "accept")
 
     def score(self, outcome: Outcome) -> Outcome:
-        outcome.p_best = float(outcome.final == self.best)
+        outcome.p_best = float(outcome.final in self.tied_best)
         outcome.regret_pp = self.acc[self.best] - self.acc[outcome.final]
         outcome.regret_cross_fit_pp = self.cross_fit_regret(outcome.final)
         return outcome
