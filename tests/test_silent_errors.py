@@ -458,7 +458,8 @@ def test_a_search_stored_before_a_decision_setting_existed_resumes_only_as_it_de
     stored = dict(board.study.user_attrs["decision_settings"])
     assert stored.pop(key) == now
     board.study.set_user_attr("decision_settings", stored)  # as a search started before the key existed left it
-    with pytest.raises(ConfigError, match=rf"{key} {before!r} \(here {now!r}\)"):
+    with pytest.raises(ConfigError, match=rf"{key} {before!r} \(here {now!r}\); run it with the same settings "
+                                          rf"\(buildup\.{key}={str(before).lower()}\)"):
         SharedEvaluations(config, log=lambda _: None)
     SharedEvaluations(replace(config, buildup=replace(config.buildup, **{key: before})), log=lambda _: None)
     if key == "accept_spending":  # a single look at 2 seeds decides alike under either spending: it resumes

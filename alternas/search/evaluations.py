@@ -19,7 +19,7 @@ from __future__ import annotations
 import base64
 import socket
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from alternas.search.storage import (
     trial_id_of,
     worker_attrs,
 )
-from alternas.search.study import StudyConfig
+from alternas.search.study import BuildupConfig, StudyConfig
 from alternas.search.table import start_placement
 
 SUFFIX = ":buildup"
@@ -57,6 +57,14 @@ class Snapshot:
 
 # what a search stored before a key existed ran with
 SETTINGS_BEFORE_THEY_WERE_STORED = {"pool_seed_variance": False, "accept_spending": "equal"}
+
+
+BUILDUP_KEYS = {f.name for f in fields(BuildupConfig)}
+
+
+def _yaml_value(value: Any) -> str:
+    """A stored setting as a study file (or ``--set``) writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def decision_settings(config: StudyConfig) -> dict[str, Any]:
@@ -126,9 +134,11 @@ class SharedEvaluations:
         differing = sorted(k for k in (mine.keys() | stored.keys()) - ignored if mine.get(k) != stored.get(k))
         if differing:
             shown = ", ".join(f"{k} {stored.get(k)!r} (here {mine.get(k)!r})" for k in differing)
+            keys = [f"buildup.{k}={_yaml_value(stored.get(k))}" for k in differing if k in BUILDUP_KEYS]
+            same = f" ({', '.join(keys)})" if keys else ""
             raise ConfigError(f"the build-up {self.study.study_name!r} in this storage runs with other settings: "
-                              f"{shown}; run it with the same settings, or start another study (another `name` or "
-                              "--out)")
+                              f"{shown}; run it with the same settings{same}, or start another study (another "
+                              "`name` or --out)")
 
     # -- reading --------------------------------------------------------------------------------------------------
     def _trials(self, evaluation: str | None = None) -> list[FrozenTrial]:
