@@ -50,7 +50,8 @@ SAMPLERS = get_args(Sampler)
 PRUNERS = get_args(Pruner)
 
 
-def _sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    """The sampler ``alternas optuna --sampler name`` searches with; ``alternas bench search`` replays the same one."""
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "nsga2":
@@ -122,7 +123,7 @@ def run_optuna(
     opened = open_storage(config.output_dir, storage, oc.storage, oc.heartbeat_s, oc.grace_period_s)
     study = optuna.create_study(
         study_name=oc.study_name or config.name, storage=opened, load_if_exists=True,
-        directions=directions, sampler=_sampler(oc.sampler, oc.seed, space),
+        directions=directions, sampler=make_sampler(oc.sampler, oc.seed, space),
         pruner=None if multi else _pruner(oc.pruner, config.recipe.total_epochs),
     )
     with warnings.catch_warnings():

@@ -238,17 +238,19 @@ def table_space(table: Table, config: StudyConfig) -> SearchSpace:
 def replay_sampler(table: Table, config: StudyConfig, truth: Truth, sampler: str, budget: float, seed: int,
                    max_trials: int = 500) -> Outcome:
     """An Optuna search with ``sampler`` over the table's placements until it has bought ``budget`` epochs: each new
-    placement costs every pool seed's run, a repeat is free; the final placement is the best pool mean."""
+    placement costs every pool seed's run, a repeat is free; the final placement is the best pool mean. TPE and
+    random search are the samplers ``alternas optuna`` runs (``make_sampler``); QMC is Optuna's Sobol sampler."""
     import optuna
 
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "qmc": lambda: optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)}
+    from alternas.search.optuna_search import make_sampler
+
+    space = table_space(table, config)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     with warnings.catch_warnings():  # QMCSampler is marked experimental
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = optuna.create_study(direction="maximize", sampler=samplers[sampler]())
-    space = table_space(table, config)
+        chosen = (optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False) if sampler == "qmc"
+                  else make_sampler(sampler, seed, space))
+        study = optuna.create_study(direction="maximize", sampler=chosen)
     known = set(table.placements)
     pool = list(config.seeds)
     seen: dict[str, float] = {}
