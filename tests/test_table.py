@@ -382,9 +382,9 @@ def test_the_8_epoch_brightest_table_holds_a_second_gain_its_build_up_mostly_mis
     """The shipped 8+1-epoch table of the `brightest` probe (every placement x 16 seeds) says an MSA at the end of the
     last stage truly helps by far more than min_gain, one at the end of stage 3 truly hurts, no placement without c4
     helps, and c1 on top of c4 truly helps by another ~1.4 pp (the best placement; at 12+1 epochs that gain is gone:
-    it was c1 helping c4 converge sooner). Its build-up (the quickstart's decision settings), replayed on 3-seed pools,
-    accepts c4 in every pool, accepts children whose true gain is below min_gain at most at its calibrated rate, and
-    finds the second gain in some pools but misses it in most: its plain regret exceeds min_gain
+    c1 sped c4 up). Its own study's build-up (the quickstart's min_gain, confidence and 2->3 seed race), replayed on
+    3-seed pools, accepts c4 in every pool, accepts children whose true gain is below min_gain at most at its
+    calibrated rate, and finds the second gain in some pools but misses it in most: its plain regret exceeds min_gain
     (docs/concepts/ground-truth.md)."""
     from alternas.search import load_study
 
@@ -425,6 +425,7 @@ def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it(
     assert max(g for p, g in gains.items() if not p.endswith("M")) < 0.5, gains
     on_c4 = [p for p in table.placements if p.endswith("M") and p != HELPS]
     assert len(on_c4) == 7 and not any(every_seed.gain_is(p, HELPS, min_gain) == "above" for p in on_c4)
+    assert max(abs(every_seed.gain(p, HELPS)[0]) for p in on_c4) < min_gain  # each within min_gain of c4 alone
     assert all(o.final.endswith("M") for o in outcomes), [o.final for o in outcomes]  # c4 accepted, then kept
     null = _null_accepts(table, config, every_seed, 40)
     assert len(null) >= 40 and sum(null) <= 0.1 * len(null), (sum(null), len(null))
