@@ -409,11 +409,11 @@ def test_the_8_epoch_brightest_table_holds_a_second_gain_its_build_up_mostly_mis
 def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it() -> None:
     """The shipped table of the quickstart's probe (`brightest` at 12+1 epochs, every placement x 32 seeds) says an
     MSA at the end of the last stage truly helps by far more than min_gain, one at the end of stage 3 truly hurts, no
-    placement without c4 helps, and no MSA added on top of c4 is confidently above min_gain: every c4 placement lies
-    within min_gain of c4 alone. The quickstart's own build-up (same data, recipe and decision settings;
-    test_buildup.py checks their cache keys agree), replayed on 3-seed pools, accepts c4 in every pool, accepts
-    children whose true gain is below min_gain at most at its calibrated rate, and ends within min_gain of the best
-    picked on other held-out seeds in nearly every pool (docs/concepts/ground-truth.md)."""
+    placement without c4 helps, and no MSA added on top of c4 is confidently above min_gain. The quickstart's own
+    build-up (same data, recipe and decision settings; test_buildup.py checks their cache keys agree), replayed on
+    3-seed pools, accepts c4 in every pool, accepts children whose true gain is below min_gain at most at its
+    calibrated rate, and ends within min_gain of the best picked on other held-out seeds in nearly every pool
+    (docs/concepts/ground-truth.md)."""
     from alternas.search import load_study
 
     table, every_seed, outcomes = _shipped_replays("brightest-12ep", SHIPPED / "quickstart.yaml", 40)
@@ -425,7 +425,6 @@ def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it(
     assert max(g for p, g in gains.items() if not p.endswith("M")) < 0.5, gains
     on_c4 = [p for p in table.placements if p.endswith("M") and p != HELPS]
     assert len(on_c4) == 7 and not any(every_seed.gain_is(p, HELPS, min_gain) == "above" for p in on_c4)
-    assert max(abs(every_seed.gain(p, HELPS)[0]) for p in on_c4) < min_gain  # each within min_gain of c4 alone
     assert all(o.final.endswith("M") for o in outcomes), [o.final for o in outcomes]  # c4 accepted, then kept
     null = _null_accepts(table, config, every_seed, 40)
     assert len(null) >= 40 and sum(null) <= 0.1 * len(null), (sum(null), len(null))
