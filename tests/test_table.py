@@ -365,8 +365,8 @@ def _shipped_replays(name: str, study: Path, pools: int) -> tuple[Table, Truth, 
 
 
 def _null_accepts(table: Table, config: StudyConfig, every_seed: Truth, pools: int) -> list[bool]:
-    """Whether each replayed decision (40 random 3-seed pools) whose child's true gain over its incumbent (all the
-    table's seeds) is at most min_gain was accepted."""
+    """Whether each replayed decision (``pools`` random 3-seed pools) whose child's true gain over its incumbent (all
+    the table's seeds) is at most min_gain was accepted."""
     from alternas.search.planner import replay_buildup
     from alternas.search.replay import seed_pools, table_lookup
 
@@ -378,28 +378,35 @@ def _null_accepts(table: Table, config: StudyConfig, every_seed: Truth, pools: i
             if every_seed.gain(child, parent)[0] <= config.buildup.min_gain]
 
 
-def test_the_8_epoch_brightest_table_holds_a_second_gain_its_build_up_mostly_misses() -> None:
-    """The shipped 8+1-epoch table of the `brightest` probe (every placement x 16 seeds) says an MSA at the end of the
-    last stage truly helps by far more than min_gain, one at the end of stage 3 truly hurts, no placement without c4
-    helps, and c1 on top of c4 truly helps by another ~1.4 pp (the best placement; at 12+1 epochs that gain is gone:
-    c1 sped c4 up). Its own study's build-up (the quickstart's min_gain, confidence and 2->3 seed race), replayed on
-    3-seed pools, accepts c4 in every pool, accepts children whose true gain is below min_gain at most at its
-    calibrated rate, and finds the second gain in some pools but misses it in most: its plain regret exceeds min_gain
-    (docs/concepts/ground-truth.md)."""
+def _brightest_families(name: str, study: Path, pools: int = 40) -> tuple[Table, Truth, list[Outcome], float]:
+    """A shipped `brightest` table and its build-up replayed on ``pools`` 3-seed pools, checked for what every
+    `brightest` table says: the MSA at the end of the last stage truly helps by far more than min_gain, one at the end
+    of stage 3 alone truly hurts, no placement without c4 helps; and for what its build-up does: c4 accepted (then
+    kept) in every pool, children whose true gain is below min_gain accepted at most at the calibrated rate."""
     from alternas.search import load_study
 
-    study = SHIPPED / "tables" / "brightest" / "study.yaml"
-    table, every_seed, outcomes = _shipped_replays("brightest", study, 40)
+    table, every_seed, outcomes = _shipped_replays(name, study, pools)
     config = load_study(study)
     min_gain = config.buildup.min_gain
     assert every_seed.gain_is(HELPS, START, min_gain) == "above"
     assert every_seed.gain(C3, START)[2] < 0  # c3 alone: its 90 % interval lies below 0
     gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
     assert max(g for p, g in gains.items() if not p.endswith("M")) < 0.5, gains
-    assert every_seed.best == "CM,CC,CC,CM" and every_seed.gain_is("CM,CC,CC,CM", HELPS, min_gain) == "above"
     assert all(o.final.endswith("M") for o in outcomes), [o.final for o in outcomes]  # c4 accepted, then kept
-    null = _null_accepts(table, config, every_seed, 40)
+    null = _null_accepts(table, config, every_seed, pools)
     assert len(null) >= 40 and sum(null) <= 0.1 * len(null), (sum(null), len(null))
+    return table, every_seed, outcomes, min_gain
+
+
+def test_the_8_epoch_brightest_table_holds_a_second_gain_its_build_up_mostly_misses() -> None:
+    """The shipped 8+1-epoch table of the `brightest` probe (every placement x 16 seeds) holds the two families of
+    ``_brightest_families``, and c1 on top of c4 truly helps by another ~1.4 pp (the best placement; at 12+1 epochs
+    that gain is gone: c1 sped c4 up). Its own study's build-up (the quickstart's min_gain, confidence and 2->3 seed
+    race), replayed on 3-seed pools, finds the second gain in some pools but misses it in most: its plain regret
+    exceeds min_gain (docs/concepts/ground-truth.md)."""
+    study = SHIPPED / "tables" / "brightest" / "study.yaml"
+    _, every_seed, outcomes, min_gain = _brightest_families("brightest", study)
+    assert every_seed.best == "CM,CC,CC,CM" and every_seed.gain_is("CM,CC,CC,CM", HELPS, min_gain) == "above"
     assert 0 < sum(o.p_best for o in outcomes) < len(outcomes) / 2  # c1 on top of c4: found in some pools, not most
     assert sum(o.rejects_true for o in outcomes) > 0
     regret = np.mean([o.regret_pp for o in outcomes])
@@ -407,27 +414,14 @@ def test_the_8_epoch_brightest_table_holds_a_second_gain_its_build_up_mostly_mis
 
 
 def test_the_quickstart_table_holds_a_helping_msa_and_the_quickstart_accepts_it() -> None:
-    """The shipped table of the quickstart's probe (`brightest` at 12+1 epochs, every placement x 32 seeds) says an
-    MSA at the end of the last stage truly helps by far more than min_gain, one at the end of stage 3 truly hurts, no
-    placement without c4 helps, and no MSA added on top of c4 is confidently above min_gain. The quickstart's own
-    build-up (same data, recipe and decision settings; test_buildup.py checks their cache keys agree), replayed on
-    3-seed pools, accepts c4 in every pool, accepts children whose true gain is below min_gain at most at its
-    calibrated rate, and ends within min_gain of the best picked on other held-out seeds in nearly every pool
-    (docs/concepts/ground-truth.md)."""
-    from alternas.search import load_study
-
-    table, every_seed, outcomes = _shipped_replays("brightest-12ep", SHIPPED / "quickstart.yaml", 40)
-    config = load_study(SHIPPED / "quickstart.yaml")
-    min_gain = config.buildup.min_gain
-    assert every_seed.gain_is(HELPS, START, min_gain) == "above"
-    assert every_seed.gain(C3, START)[2] < 0  # c3 alone: its 90 % interval lies below 0
-    gains = {p: every_seed.acc[p] - every_seed.acc[START] for p in table.placements}
-    assert max(g for p, g in gains.items() if not p.endswith("M")) < 0.5, gains
+    """The shipped table of the quickstart's probe (`brightest` at 12+1 epochs, every placement x 32 seeds) holds the
+    two families of ``_brightest_families``, and no MSA added on top of c4 is confidently above min_gain. The
+    quickstart's own build-up (same data, recipe and decision settings; test_buildup.py checks their cache keys
+    agree), replayed on 3-seed pools, ends within min_gain of the best picked on other held-out seeds in nearly every
+    pool (docs/concepts/ground-truth.md)."""
+    table, every_seed, outcomes, min_gain = _brightest_families("brightest-12ep", SHIPPED / "quickstart.yaml")
     on_c4 = [p for p in table.placements if p.endswith("M") and p != HELPS]
     assert len(on_c4) == 7 and not any(every_seed.gain_is(p, HELPS, min_gain) == "above" for p in on_c4)
-    assert all(o.final.endswith("M") for o in outcomes), [o.final for o in outcomes]  # c4 accepted, then kept
-    null = _null_accepts(table, config, every_seed, 40)
-    assert len(null) >= 40 and sum(null) <= 0.1 * len(null), (sum(null), len(null))
     regret = np.mean([o.regret_pp for o in outcomes])
     cross_fit = [o.regret_cross_fit_pp for o in outcomes]
     assert np.mean(cross_fit) < regret < 2 * min_gain  # staying at the start would cost ~20 pp
